@@ -1,0 +1,3 @@
+// bias_grad CUDA kernels for double.
+#define MIRAS_DTYPE double
+#include "cuda/bias_grad_launch.inc"
