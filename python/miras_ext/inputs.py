@@ -1,0 +1,205 @@
+"""Validation of a memory call's arguments, shared by the reference and the compiled ops.
+
+Every problem is a ValueError that names the argument and says what was expected.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .spec import MemorySpec
+from .state import MemoryState
+
+FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+GATES = ("lr", "alpha", "momentum", "delta")
+
+
+@dataclass
+class Call:
+    """A validated call: inputs in the compute dtype, gates as [N, T, H] or [N, T, H, D], and the
+    initial state expanded to one entry per sequence."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    gates: dict[str, torch.Tensor | None]
+    state: MemoryState
+    out_dtype: torch.dtype
+    per_channel: bool
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """State and accumulation dtype: float64 stays, everything else runs in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _check_tensor(name: str, x, rank: int, dims: str) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"{name}: expected a tensor of shape {dims}, got {type(x).__name__}")
+    if x.dim() != rank:
+        raise ValueError(f"{name}: expected rank {rank} with shape {dims}, got shape {tuple(x.shape)}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"{name}: expected a floating dtype in {FLOAT_DTYPES}, got {x.dtype}")
+    return x
+
+
+def _check_range(name: str, x: torch.Tensor, low: float, high: float, low_open: bool, high_open: bool) -> None:
+    if x.numel() == 0:
+        return
+    lo, hi = x.min().item(), x.max().item()
+    bad_low = lo <= low if low_open else lo < low
+    bad_high = hi >= high if high_open else hi > high
+    if bad_low or bad_high or lo != lo or hi != hi:
+        interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+        raise ValueError(f"{name}: values must lie in {interval}, got min {lo:.4g}, max {hi:.4g}")
+
+
+_GATE_RANGES = {
+    "lr": (0.0, float("inf"), False, True),
+    "alpha": (0.0, 1.0, True, False),
+    "momentum": (0.0, 1.0, False, True),
+    "delta": (0.0, float("inf"), True, True),
+}
+
+
+def _needed(spec: MemorySpec) -> dict[str, str | None]:
+    """For each gate, None when it is required, else why it must be absent."""
+    return {
+        "lr": None,
+        "alpha": None if spec.has_retention_gate else "retention 'none' has no retention gate",
+        "momentum": None if spec.algorithm == "momentum" else "algorithm 'gd' has no momentum gate",
+        "delta": None if spec.uses_threshold else f"bias {spec.bias!r} has no threshold gate",
+    }
+
+
+def _check_gates(gates: dict, spec: MemorySpec, q: torch.Tensor, dv: int) -> tuple[dict, bool]:
+    b, t, h, _ = q.shape
+    out, per_channel = {}, None
+    for name, why_absent in _needed(spec).items():
+        g = gates[name]
+        if why_absent is not None:
+            if g is not None:
+                raise ValueError(f"{name}: {why_absent}; pass {name}=None")
+            out[name] = None
+            continue
+        if g is None:
+            raise ValueError(f"{name}: required for bias={spec.bias!r}, retention={spec.retention!r}, "
+                             f"algorithm={spec.algorithm!r}; expected [B, T, H] or [B, T, H, Dv]")
+        if not isinstance(g, torch.Tensor) or g.dim() not in (3, 4):
+            shape = tuple(g.shape) if isinstance(g, torch.Tensor) else type(g).__name__
+            raise ValueError(f"{name}: expected shape [B, T, H] = {[b, t, h]} or [B, T, H, Dv] = {[b, t, h, dv]}, "
+                             f"got {shape}")
+        if tuple(g.shape[:3]) != (b, t, h) or (g.dim() == 4 and g.shape[3] != dv):
+            raise ValueError(f"{name}: expected shape [B, T, H] = {[b, t, h]} or [B, T, H, Dv] = {[b, t, h, dv]}, "
+                             f"got {list(g.shape)}")
+        if not g.is_floating_point():
+            raise ValueError(f"{name}: expected a floating dtype, got {g.dtype}")
+        if g.device != q.device:
+            raise ValueError(f"{name}: expected device {q.device} (that of q), got {g.device}")
+        _check_range(name, g.detach(), *_GATE_RANGES[name])
+        if name == "delta":
+            if g.dim() == 4 and spec.bias != "huber":
+                raise ValueError(f"delta: bias {spec.bias!r} compares the residual's norm with one threshold per "
+                                 "head; a per-channel delta [B, T, H, Dv] needs bias 'huber' (Eq. 2.5)")
+        elif per_channel is None:
+            per_channel = g.dim() == 4
+        elif per_channel != (g.dim() == 4):
+            raise ValueError(f"{name}: gates lr, alpha and momentum must all be per head [B, T, H] or all per "
+                             "channel [B, T, H, Dv]")
+        out[name] = g
+    return out, bool(per_channel)
+
+
+def _check_cu_seqlens(cu_seqlens, q: torch.Tensor) -> int:
+    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        raise ValueError("cu_seqlens: expected a 1-D integer tensor [N + 1] of sequence offsets")
+    if cu_seqlens.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"cu_seqlens: expected dtype int32 or int64, got {cu_seqlens.dtype}")
+    if q.shape[0] != 1:
+        raise ValueError(f"q: with cu_seqlens the sequences are packed along T and B must be 1, got B={q.shape[0]}")
+    c = cu_seqlens.tolist()
+    if c[0] != 0 or c[-1] != q.shape[1] or any(a > b for a, b in zip(c, c[1:])):
+        raise ValueError(f"cu_seqlens: expected non-decreasing offsets from 0 to T={q.shape[1]}, got {c}")
+    return len(c) - 1
+
+
+def _expand(name: str, x, n: int, h: int, shape: tuple[int, ...], dtype, device) -> torch.Tensor:
+    want = f"[N, H, *{list(shape)}] = {[n, h, *shape]} or [H, *{list(shape)}]"
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"{name}: expected a tensor {want}, got {type(x).__name__}")
+    if tuple(x.shape) == (h, *shape):
+        x = x.unsqueeze(0)
+    if tuple(x.shape[1:]) != (h, *shape) or x.shape[0] not in (1, n):
+        raise ValueError(f"{name}: expected shape {want}, got {list(x.shape)}")
+    if not x.is_floating_point():
+        raise ValueError(f"{name}: expected a floating dtype, got {x.dtype}")
+    if x.device != device:
+        raise ValueError(f"{name}: expected device {device} (that of q), got {x.device}")
+    return x.to(dtype).expand(n, *x.shape[1:])
+
+
+def _initial_state(initial_state, spec: MemorySpec, n: int, h: int, dk: int, dv: int, dtype, device) -> MemoryState:
+    shapes = spec.weight_shapes(dk, dv)
+    nmom = len(shapes) if spec.algorithm == "momentum" else 0
+    if initial_state is None:
+        if spec.memory == "mlp":
+            raise ValueError("initial_state: MLP memory needs initial weights; all-zero weights have zero "
+                             "gradients and never learn (docs/math.md, Section 1)")
+        memory = tuple(torch.zeros(n, h, *s, dtype=dtype, device=device) for s in shapes)
+        position = torch.zeros(n, dtype=torch.int64, device=device)
+        return MemoryState(memory, tuple(torch.zeros_like(m) for m in memory[:nmom]), memory, position)
+    if isinstance(initial_state, MemoryState):
+        fields = [("memory", initial_state.memory, len(shapes)), ("momentum", initial_state.momentum, nmom),
+                  ("anchor", initial_state.anchor, len(shapes))]
+        parts = []
+        for field, tensors, count in fields:
+            if not isinstance(tensors, (tuple, list)) or len(tensors) != count:
+                raise ValueError(f"initial_state.{field}: expected {count} tensors, one per weight tensor "
+                                 f"{shapes}, got {len(tensors) if isinstance(tensors, (tuple, list)) else tensors}")
+            parts.append(tuple(_expand(f"initial_state.{field}[{i}]", x, n, h, shapes[i], dtype, device)
+                               for i, x in enumerate(tensors)))
+        pos = initial_state.position
+        if not isinstance(pos, torch.Tensor) or pos.dtype != torch.int64 or tuple(pos.shape) != (n,):
+            raise ValueError(f"initial_state.position: expected an int64 tensor of shape [{n}]")
+        return MemoryState(*parts, pos.to(device))
+    if not isinstance(initial_state, (tuple, list)) or len(initial_state) != len(shapes):
+        raise ValueError(f"initial_state: expected a MemoryState or a tuple of {len(shapes)} tensors with "
+                         f"per-head shapes {shapes}")
+    memory = tuple(_expand(f"initial_state[{i}]", x, n, h, shapes[i], dtype, device)
+                   for i, x in enumerate(initial_state))
+    position = torch.zeros(n, dtype=torch.int64, device=device)
+    return MemoryState(memory, tuple(torch.zeros_like(m) for m in memory[:nmom]), memory, position)
+
+
+def check_call(q, k, v, lr, alpha, momentum, delta, spec: MemorySpec, scale: float, initial_state,
+               chunk_size: int, cu_seqlens) -> Call:
+    """Validate every argument of a memory call (shapes as in the reference's docstrings)."""
+    if not isinstance(spec, MemorySpec):
+        raise ValueError(f"spec: expected a MemorySpec, got {type(spec).__name__}")
+    q = _check_tensor("q", q, 4, "[B, T, H, Dk]")
+    k = _check_tensor("k", k, 4, "[B, T, H, Dk]")
+    v = _check_tensor("v", v, 4, "[B, T, H, Dv]")
+    if k.shape != q.shape:
+        raise ValueError(f"k: expected the shape of q {list(q.shape)}, got {list(k.shape)}")
+    if v.shape[:3] != q.shape[:3]:
+        raise ValueError(f"v: expected [B, T, H] = {list(q.shape[:3])} like q, got {list(v.shape)}")
+    for name, x in (("k", k), ("v", v)):
+        if x.dtype != q.dtype:
+            raise ValueError(f"{name}: expected dtype {q.dtype} (that of q), got {x.dtype}")
+        if x.device != q.device:
+            raise ValueError(f"{name}: expected device {q.device} (that of q), got {x.device}")
+    if not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size: expected an integer >= 1, got {chunk_size!r}")
+    if not isinstance(scale, (int, float)) or not scale > 0:
+        raise ValueError(f"scale: expected a float > 0, got {scale!r}")
+    b, _, h, dk = q.shape
+    dv = v.shape[-1]
+    gates, per_channel = _check_gates({"lr": lr, "alpha": alpha, "momentum": momentum, "delta": delta}, spec, q, dv)
+    spec.check_dims(dk, dv, per_channel)
+    n = b if cu_seqlens is None else _check_cu_seqlens(cu_seqlens, q)
+    dtype = compute_dtype(q.dtype)
+    state = _initial_state(initial_state, spec, n, h, dk, dv, dtype, q.device)
+    gates = {name: None if g is None else g.to(dtype) for name, g in gates.items()}
+    return Call(q.to(dtype), k.to(dtype), v.to(dtype), gates, state, q.dtype, per_channel)

@@ -1,0 +1,132 @@
+"""The static choices of a Miras memory (docs/math.md, Section 1): architecture, attentional bias,
+retention gate and learning algorithm. One frozen object, validated once, shared by the reference and the
+compiled ops."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+BIASES = ("dot", "l2", "lp", "l1", "huber", "huber_norm", "yaad", "value_shift")
+# Biases whose loss reads the threshold gate delta.
+THRESHOLD_BIASES = ("huber", "huber_norm", "yaad", "value_shift")
+MEMORIES = ("vector", "matrix", "mlp")
+ACTIVATIONS = ("gelu", "silu")
+RETENTIONS = ("none", "l2", "lq", "kl", "elastic_net", "sigmoid")
+ALGORITHMS = ("gd", "momentum")
+# Retentions whose weights are a nonlinear link phi of the accumulated state (Eq. 3.3).
+LINKED_RETENTIONS = ("lq", "kl", "elastic_net", "sigmoid")
+
+
+def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name}: expected one of {allowed}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class MemorySpec:
+    """What a memory computes; every field is a docs/math.md choice.
+
+    memory:            "vector" (w * k, Eq. 1.1), "matrix" (W k, Eq. 1.2) or "mlp" (Eq. 1.3).
+    layers, expansion: MLP depth and hidden width (expansion * Dk); ignored for other memories.
+    activation:        MLP nonlinearity, "gelu" (exact, erf) or "silu".
+    residual_norm:     MLP read-out x + LayerNorm(f(x)) (Eq. 1.4, the paper's form); needs Dk == Dv.
+    bias, p, eps:      attentional bias (Section 2); p for "lp", eps the smoothing of |x| and ||r||.
+    retention:         retention gate (Section 3).
+    norm_order:        q of the l_q retention (Eq. 3.6).
+    simplex_scale:     c of the KL retention (Eq. 3.7); None means sqrt(fan_in) per weight tensor.
+    shrinkage:         soft-threshold gamma of the elastic-net retention (Eq. 3.8).
+    grad_at_retained:  take the gradient at alpha_t * W_{t-1} (Gated DeltaNet) instead of W_{t-1} (Eq. 3.2).
+    algorithm:         "gd" (Eq. 4.1) or "momentum" (Titans, Eq. 4.2).
+    lag_token:         make the first token of every chunk its own chunk (Memora's lag token, Eq. 5.6).
+    """
+
+    memory: str = "matrix"
+    layers: int = 2
+    expansion: int = 4
+    activation: str = "gelu"
+    residual_norm: bool = True
+    bias: str = "l2"
+    p: float = 2.0
+    eps: float = 1e-6
+    retention: str = "l2"
+    norm_order: float = 4.0
+    simplex_scale: float | None = None
+    shrinkage: float = 1e-3
+    grad_at_retained: bool = False
+    algorithm: str = "gd"
+    lag_token: bool = False
+
+    def __post_init__(self) -> None:
+        _choice("memory", self.memory, MEMORIES)
+        _choice("activation", self.activation, ACTIVATIONS)
+        _choice("bias", self.bias, BIASES)
+        _choice("retention", self.retention, RETENTIONS)
+        _choice("algorithm", self.algorithm, ALGORITHMS)
+        if not isinstance(self.layers, int) or self.layers < 1:
+            raise ValueError(f"layers: expected an integer >= 1, got {self.layers!r}")
+        if not isinstance(self.expansion, int) or self.expansion < 1:
+            raise ValueError(f"expansion: expected an integer >= 1, got {self.expansion!r}")
+        if not (self.p >= 1.0 and math.isfinite(self.p)):
+            raise ValueError(f"p: the l_p bias needs a finite p >= 1, got {self.p!r}")
+        if not self.eps > 0:
+            raise ValueError(f"eps: expected > 0, got {self.eps!r}")
+        if not (self.norm_order >= 1.0 and math.isfinite(self.norm_order)):
+            raise ValueError(f"norm_order: the l_q retention needs a finite q >= 1, got {self.norm_order!r}")
+        if self.simplex_scale is not None and not self.simplex_scale > 0:
+            raise ValueError(f"simplex_scale: expected None or > 0, got {self.simplex_scale!r}")
+        if not self.shrinkage >= 0:
+            raise ValueError(f"shrinkage: expected >= 0, got {self.shrinkage!r}")
+        if self.grad_at_retained and (self.retention != "l2" or self.memory == "mlp"):
+            raise ValueError("grad_at_retained: the gradient at the retained state is defined for the l2 "
+                             f"retention of vector or matrix memory (Eq. 3.2), got retention={self.retention!r}, "
+                             f"memory={self.memory!r}")
+
+    @property
+    def linked(self) -> bool:
+        """True when the weights are phi(Z) for a nonlinear link phi (Eq. 3.3)."""
+        return self.retention in LINKED_RETENTIONS
+
+    @property
+    def uses_threshold(self) -> bool:
+        return self.bias in THRESHOLD_BIASES
+
+    @property
+    def has_retention_gate(self) -> bool:
+        return self.retention != "none"
+
+    @property
+    def num_layers(self) -> int:
+        """Number of weight tensors of the memory."""
+        return self.layers if self.memory == "mlp" else 1
+
+    def weight_shapes(self, dk: int, dv: int) -> list[tuple[int, ...]]:
+        """Per-head shape of each weight tensor, [out, in], in the order they are applied (Eq. 1.3)."""
+        if self.memory == "vector":
+            return [(dk,)]
+        if self.memory == "matrix":
+            return [(dv, dk)]
+        hidden = self.expansion * dk
+        dims = [dk] + [hidden] * (self.layers - 1) + [dv]
+        return [(dims[i + 1], dims[i]) for i in range(self.layers)]
+
+    def check_dims(self, dk: int, dv: int, per_channel_gates: bool) -> None:
+        if self.memory == "vector" and dk != dv:
+            raise ValueError(f"v: vector memory maps each channel to itself and needs Dv == Dk, got Dk={dk}, Dv={dv}")
+        if self.memory == "mlp" and self.residual_norm and dk != dv:
+            raise ValueError(f"v: the residual MLP memory x + LN(f(x)) needs Dv == Dk, got Dk={dk}, Dv={dv}")
+        if self.memory == "mlp" and per_channel_gates and (dk != dv or self.layers > 2):
+            raise ValueError("per-channel gates on MLP memory scale the first layer's input columns and the last "
+                             f"layer's output rows (Eq. 3.4) and need Dk == Dv and layers <= 2; got Dk={dk}, "
+                             f"Dv={dv}, layers={self.layers}")
+
+    def gate_axis(self, index: int) -> int:
+        """Axis of weight tensor `index` (relative to its per-head shape) that a per-channel gate scales
+        (Eq. 3.4): the output rows of the last (or only) layer, the input columns of the first."""
+        if self.memory == "vector":
+            return 0
+        return 0 if index == self.num_layers - 1 else 1
+
+    def kl_scale(self, shape: tuple[int, ...]) -> float:
+        """c of Eq. 3.7 for a weight tensor of this per-head shape: sqrt(fan_in) unless set."""
+        return self.simplex_scale if self.simplex_scale is not None else math.sqrt(shape[-1])

@@ -1,0 +1,26 @@
+"""The recurrent state of a memory (docs/math.md, Section 5.4)."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+
+class MemoryState(NamedTuple):
+    """Everything needed to continue a sequence, token by token or chunk by chunk.
+
+    memory:   Z per weight tensor, [N, H, *shape] (the weights themselves for retention "none"/"l2"; the
+              accumulator that phi maps to weights otherwise, Eq. 3.3).
+    momentum: S per weight tensor (algorithm "momentum"), else ().
+    anchor:   the state whose phi the current chunk's gradients are taken at (Eq. 5.1): Z at the chunk's
+              first token; with grad_at_retained, Z there times the retention since (Eq. 5.2).
+    position: [N] int64, tokens written so far; with chunk_size it fixes where the next chunk starts.
+
+    N is the batch size, or the number of sequences with cu_seqlens.
+    """
+
+    memory: tuple[torch.Tensor, ...]
+    momentum: tuple[torch.Tensor, ...]
+    anchor: tuple[torch.Tensor, ...]
+    position: torch.Tensor
