@@ -33,9 +33,9 @@ class MemorySpec:
     residual_norm:     MLP read-out x + LayerNorm(f(x)) (Eq. 1.4, the paper's form); needs Dk == Dv.
     bias, p, eps:      attentional bias (Section 2); p for "lp", eps the smoothing of |x| and ||r||.
     retention:         retention gate (Section 3).
-    norm_order:        q of the l_q retention (Eq. 3.6).
-    simplex_scale:     c of the KL retention (Eq. 3.7); None means sqrt(fan_in) per weight tensor.
-    shrinkage:         soft-threshold gamma of the elastic-net retention (Eq. 3.8).
+    norm_order:        q of the l_q retention (Eq. 3.5).
+    simplex_scale:     c of the KL retention (Eq. 3.6); None means sqrt(fan_in) per weight tensor.
+    shrinkage:         soft-threshold gamma of the elastic-net retention (Eq. 3.7).
     grad_at_retained:  take the gradient at alpha_t * W_{t-1} (Gated DeltaNet) instead of W_{t-1} (Eq. 3.2).
     algorithm:         "gd" (Eq. 4.1) or "momentum" (Titans, Eq. 4.2).
     lag_token:         make the first token of every chunk its own chunk (Memora's lag token, Eq. 5.6).
@@ -128,5 +128,5 @@ class MemorySpec:
         return 0 if index == self.num_layers - 1 else 1
 
     def kl_scale(self, shape: tuple[int, ...]) -> float:
-        """c of Eq. 3.7 for a weight tensor of this per-head shape: sqrt(fan_in) unless set."""
+        """c of Eq. 3.6 for a weight tensor of this per-head shape: sqrt(fan_in) unless set."""
         return self.simplex_scale if self.simplex_scale is not None else math.sqrt(shape[-1])

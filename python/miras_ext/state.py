@@ -1,4 +1,4 @@
-"""The recurrent state of a memory (docs/math.md, Section 5.4)."""
+"""The recurrent state of a memory (docs/math.md, Section 5, "Resuming")."""
 
 from __future__ import annotations
 

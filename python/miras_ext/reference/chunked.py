@@ -86,11 +86,11 @@ class _Chunk:
         d, a = self.deltas[i], self.inputs[i]
         if self.spec.memory == "vector":
             return torch.einsum("nhtjd,nhjd->nhtd" if self.per_channel else "nhtj,nhjd->nhtd", coef, d * a)
-        if not self.per_channel:
-            return torch.einsum("nhtj,nhjo,nhji->nhtoi", coef, d, a)
-        if self.spec.gate_axis(i) == 0:
-            return torch.einsum("nhtjo,nhjo,nhji->nhtoi", coef, d, a)
-        return torch.einsum("nhtji,nhjo,nhji->nhtoi", coef, d, a)
+        # Scale one factor first so the sum over j is a single batched matrix product.
+        if self.per_channel and self.spec.gate_axis(i) == 1:
+            return torch.einsum("nhjo,nhtji->nhtoi", d, coef * a.unsqueeze(2))
+        scaled = (coef if self.per_channel else coef.unsqueeze(-1)) * d.unsqueeze(2)
+        return torch.einsum("nhtjo,nhji->nhtoi", scaled, a)
 
     def states(self, i: int, rows: slice) -> torch.Tensor:
         """Z_t of weight tensor i for the tokens in `rows` (Eqs. 5.8, 5.9), [N, H, t, *shape]."""

@@ -1,4 +1,4 @@
-"""The Miras recurrence token by token (docs/math.md, Eqs. 3.1-3.9, 4.1-4.2 and 5.1-5.2).
+"""The Miras recurrence token by token (docs/math.md, Eqs. 3.1-3.8, 4.1-4.2 and 5.1-5.2).
 
 The memory gradient of the attentional bias comes from torch autograd (torch.func.grad) of the loss as
 written in reference/bias.py, not from a hand-derived formula, so this is an independent oracle. With
