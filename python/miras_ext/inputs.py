@@ -190,7 +190,7 @@ def check_call(q, k, v, lr, alpha, momentum, delta, spec: MemorySpec, scale: flo
             raise ValueError(f"{name}: expected dtype {q.dtype} (that of q), got {x.dtype}")
         if x.device != q.device:
             raise ValueError(f"{name}: expected device {q.device} (that of q), got {x.device}")
-    if not isinstance(chunk_size, int) or chunk_size < 1:
+    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
         raise ValueError(f"chunk_size: expected an integer >= 1, got {chunk_size!r}")
     if not isinstance(scale, (int, float)) or not scale > 0:
         raise ValueError(f"scale: expected a float > 0, got {scale!r}")

@@ -116,7 +116,7 @@ class MemorySpec:
         if self.memory == "mlp" and self.residual_norm and dk != dv:
             raise ValueError(f"v: the residual MLP memory x + LN(f(x)) needs Dv == Dk, got Dk={dk}, Dv={dv}")
         if self.memory == "mlp" and per_channel_gates and (dk != dv or self.layers > 2):
-            raise ValueError("per-channel gates on MLP memory scale the first layer's input columns and the last "
+            raise ValueError("lr: per-channel gates on MLP memory scale the first layer's input columns and the last "
                              f"layer's output rows (Eq. 3.4) and need Dk == Dv and layers <= 2; got Dk={dk}, "
                              f"Dv={dv}, layers={self.layers}")
 

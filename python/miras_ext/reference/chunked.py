@@ -31,24 +31,25 @@ def segments(phase: int, length: int, chunk_size: int, lag_token: bool) -> list[
     return [(s, e, boundary(s)) for s, e in zip(starts, starts[1:] + [length])]
 
 
-def _decay(log_cum: torch.Tensor, per_channel: bool) -> torch.Tensor:
-    """D[t, i] = prod_{i < j <= t} gate_j for i <= t, else 0 (Eq. 5.7): [.., n, n] or [.., n, n, D]."""
+def _decay(gate: torch.Tensor | None, like: torch.Tensor, per_channel: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eq. 5.7 for a gate over the chunk's token axis (2): D[t, i] = prod_{i < j <= t} gate_j for i <= t,
+    else 0, as [.., n, n] or [.., n, n, D], and the running product prod_{j <= t} gate_j. A missing gate
+    is 1.
+
+    Products, not exponentials of cumulative logs: a momentum gate may be exactly 0, and the gradient
+    there must still be exact."""
+    g = torch.ones_like(like) if gate is None else gate
+    n = g.shape[2]
+    lower = torch.ones(n, n, dtype=torch.bool, device=g.device).tril()
+    below = lower.tril(-1)
     if per_channel:
-        diff = log_cum.unsqueeze(-2) - log_cum.unsqueeze(-3)
-        n = log_cum.shape[-2]
-        mask = torch.ones(n, n, dtype=torch.bool, device=log_cum.device).tril().unsqueeze(-1)
+        lower, below, rows = lower.unsqueeze(-1), below.unsqueeze(-1), g.unsqueeze(3)
     else:
-        diff = log_cum.unsqueeze(-1) - log_cum.unsqueeze(-2)
-        n = log_cum.shape[-1]
-        mask = torch.ones(n, n, dtype=torch.bool, device=log_cum.device).tril()
-    return diff.masked_fill(~mask, float("-inf")).exp()
-
-
-def _log_cumulative(g: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
-    """Running sum of log gate over the chunk's token axis (2); a missing gate is 1."""
-    if g is None:
-        return torch.zeros_like(like)
-    return torch.log(g.clamp_min(torch.finfo(g.dtype).tiny)).cumsum(2)
+        rows = g.unsqueeze(-1)
+    # L[t, i] = g_t for i < t, else 1; the running product of L over t is D on and below the diagonal.
+    steps = torch.where(below, rows, torch.ones_like(rows))
+    decay = torch.cumprod(steps, dim=2) * lower
+    return decay, torch.cumprod(g, dim=2)
 
 
 class _Chunk:
@@ -58,20 +59,17 @@ class _Chunk:
         self.spec, self.shapes, self.per_channel = spec, shapes, per_channel
         self.z, self.s = z, s
         lr = g["lr"]
-        la = _log_cumulative(g["alpha"], lr)
-        self.retained = la.exp()  # A_t (Eq. 5.7)
-        decay = _decay(la, per_channel)
+        decay, self.retained = _decay(g["alpha"], lr, per_channel)  # D^alpha and A_t (Eq. 5.7)
         lr_cols = lr.unsqueeze(2)  # scales column i (the token written)
         if s:  # Eq. 5.9: momentum folds a second decay into the coefficients
-            lm = _log_cumulative(g["momentum"], lr)
-            mdecay = _decay(lm, per_channel)
+            mdecay, self.mkeep = _decay(g["momentum"], lr, per_channel)
             if per_channel:
                 combined = torch.einsum("nhtjd,nhjid->nhtid", decay, mdecay)
-                self.carry = torch.einsum("nhtjd,nhjd->nhtd", decay, lm.exp())
+                self.carry = torch.einsum("nhtjd,nhjd->nhtd", decay, self.mkeep)
             else:
                 combined = decay @ mdecay
-                self.carry = (decay @ lm.exp().unsqueeze(-1)).squeeze(-1)
-            self.coef, self.mcoef, self.mkeep = combined * lr_cols, mdecay * lr_cols, lm.exp()
+                self.carry = (decay @ self.mkeep.unsqueeze(-1)).squeeze(-1)
+            self.coef, self.mcoef = combined * lr_cols, mdecay * lr_cols
         else:  # Eq. 5.8
             self.coef = decay * lr_cols
         weights = [link(spec, anchor[i], shapes[i]) for i in range(len(anchor))]
@@ -151,7 +149,7 @@ def chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: MemorySpec,
 
     def dense(q, k, v, gates, state):
         t_len = q.shape[1]
-        if t_len == 0:
+        if t_len == 0 or q.shape[0] == 0:
             return q.new_zeros(*q.shape[:3], v.shape[-1]), state
         phases = torch.remainder(state.position, chunk_size)
         if (phases != phases[0]).any():
