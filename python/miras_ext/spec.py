@@ -5,7 +5,7 @@ compiled ops."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 BIASES = ("dot", "l2", "lp", "l1", "huber", "huber_norm", "yaad", "value_shift")
 # Biases whose loss reads the threshold gate delta.
@@ -126,6 +126,18 @@ class MemorySpec:
         if self.memory == "vector":
             return 0
         return 0 if index == self.num_layers - 1 else 1
+
+    def encode(self) -> str:
+        """The spec as the compiled ops read it: `name=value` pairs joined by commas, every field, in
+        declaration order; booleans as 0/1, simplex_scale None as -1."""
+        def text(value) -> str:
+            if isinstance(value, bool):
+                return str(int(value))
+            if value is None:
+                return "-1"
+            return repr(value) if isinstance(value, float) else str(value)
+
+        return ",".join(f"{f.name}={text(getattr(self, f.name))}" for f in fields(self))
 
     def kl_scale(self, shape: tuple[int, ...]) -> float:
         """c of Eq. 3.6 for a weight tensor of this per-head shape: sqrt(fan_in) unless set."""

@@ -1,0 +1,46 @@
+// The static choices of a memory (python/miras_ext/spec.py, MemorySpec), parsed from MemorySpec.encode().
+#pragma once
+
+#include <string>
+
+namespace miras {
+
+enum class Memory { Vector, Matrix, Mlp };
+enum class Activation { Gelu, Silu };
+enum class Bias { Dot, L2, Lp, L1, Huber, HuberNorm, Yaad, ValueShift };
+enum class Retention { None, L2, Lq, Kl, ElasticNet, Sigmoid };
+enum class Algorithm { Gd, Momentum };
+
+struct MemoryParams {
+  Memory memory = Memory::Matrix;
+  int layers = 2;
+  int expansion = 4;
+  Activation activation = Activation::Gelu;
+  bool residual_norm = true;
+  Bias bias = Bias::L2;
+  double p = 2.0;
+  double eps = 1e-6;
+  Retention retention = Retention::L2;
+  double norm_order = 4.0;
+  double simplex_scale = -1.0;  // < 0: sqrt(fan_in) per weight tensor (docs/math.md Eq. 3.6)
+  double shrinkage = 1e-3;
+  bool grad_at_retained = false;
+  Algorithm algorithm = Algorithm::Gd;
+  bool lag_token = false;
+
+  // Derived, filled by the caller from the tensors.
+  bool per_channel = false;  // lr/alpha/momentum are [.., Dv] rather than one per head
+  double scale = 1.0;        // multiplies q before the read (Eq. 4.3)
+
+  int num_layers() const { return memory == Memory::Mlp ? layers : 1; }
+  bool linked() const {
+    return retention == Retention::Lq || retention == Retention::Kl || retention == Retention::ElasticNet ||
+           retention == Retention::Sigmoid;
+  }
+  bool momentum() const { return algorithm == Algorithm::Momentum; }
+};
+
+// Parses MemorySpec.encode(); throws a ValueError-mapped c10 error naming the field on bad input.
+MemoryParams parse_memory_spec(const std::string& spec);
+
+}  // namespace miras
