@@ -3,11 +3,12 @@
 
 #include <string>
 
+#include "common/bias.h"
+
 namespace miras {
 
 enum class Memory { Vector, Matrix, Mlp };
 enum class Activation { Gelu, Silu };
-enum class Bias { Dot, L2, Lp, L1, Huber, HuberNorm, Yaad, ValueShift };
 enum class Retention { None, L2, Lq, Kl, ElasticNet, Sigmoid };
 enum class Algorithm { Gd, Momentum };
 
@@ -17,7 +18,7 @@ struct MemoryParams {
   int expansion = 4;
   Activation activation = Activation::Gelu;
   bool residual_norm = true;
-  Bias bias = Bias::L2;
+  Bias bias = Bias::l2;  // common/bias.h; "l1" parses to Bias::lp with p = 1
   double p = 2.0;
   double eps = 1e-6;
   Retention retention = Retention::L2;
