@@ -1,0 +1,245 @@
+// Explicit backward of one run (docs/math.md, Section 5): the forward is recomputed from the run's start
+// state, then every step is differentiated by hand, including the second-order terms of the gradients taken
+// at the anchor (Eqs. 2.17-2.20 for the bias, the LayerNorm and activation second derivatives).
+#include "cpu/memory/chunk_math.h"
+
+namespace miras::chunk {
+
+namespace {
+
+// Gradient accumulators of one run.
+struct Acc {
+  Tensor dC, dA, dP, dCS, dMc;
+  std::vector<Tensor> dz0, ds0, danchor, dd, da;
+};
+
+// Backward of the dual-form read of layer l (Eq. 5.10); returns the gradient of its input h.
+Tensor dual_read_backward(const Forward& f, Acc& g, int l, const Tensor& h, const Tensor& du, const Tensor& z0,
+                          const Tensor& s0) {
+  const Coefficients& c = f.c;
+  const Tensor& d = f.deltas[l];
+  const Tensor& a = f.acts[l];
+  const Tensor& A = c.alpha.cum;
+  if (f.side[l] == 0) {
+    g.dA += channel_reduce(du * at::matmul(h, z0.transpose(-1, -2)), f.Dg);
+    Tensor dh = at::matmul(du * A, z0);
+    g.dz0[l] += at::matmul((du * A).transpose(-1, -2), h);
+    if (s0.defined()) {
+      g.dP += channel_reduce(du * at::matmul(h, s0.transpose(-1, -2)), f.Dg);
+      dh = dh + at::matmul(du * c.P, s0);
+      g.ds0[l] += at::matmul((du * c.P).transpose(-1, -2), h);
+    }
+    const Tensor dots = at::matmul(h, a.transpose(-1, -2));
+    Tensor ddots;
+    if (f.Dg == 1) {
+      const Tensor c0 = c.C.squeeze(-1);
+      const Tensor dm = -at::matmul(du, d.transpose(-1, -2));
+      g.dC += (dm * dots).unsqueeze(-1);
+      ddots = dm * c0;
+      g.dd[l] -= at::matmul((c0 * dots).transpose(-1, -2), du);
+    } else {
+      const Tensor du_t = du.unsqueeze(2);  // [G, t, 1, out]
+      g.dC -= du_t * dots.unsqueeze(-1) * d.unsqueeze(1);
+      ddots = -(du_t * c.C * d.unsqueeze(1)).sum(-1);
+      g.dd[l] -= (du_t * c.C * dots.unsqueeze(-1)).sum(1);
+    }
+    g.da[l] += at::matmul(ddots.transpose(-1, -2), h);
+    return dh + at::matmul(ddots, a);
+  }
+  const Tensor ha = A * h;
+  g.dz0[l] += at::matmul(du.transpose(-1, -2), ha);
+  const Tensor dha = at::matmul(du, z0);
+  g.dA += dha * h;
+  Tensor dh = dha * A;
+  if (s0.defined()) {
+    g.ds0[l] += at::matmul(du.transpose(-1, -2), c.P * h);
+    const Tensor dhs = at::matmul(du, s0);
+    g.dP += dhs * h;
+    dh = dh + dhs * c.P;
+  }
+  const Tensor s = (c.C * a.unsqueeze(1) * h.unsqueeze(2)).sum(-1);
+  const Tensor ds = -at::matmul(du, d.transpose(-1, -2)).unsqueeze(-1);  // [G, t, n, 1]
+  g.dd[l] -= at::matmul(s.transpose(-1, -2), du);
+  g.dC += ds * a.unsqueeze(1) * h.unsqueeze(2);
+  g.da[l] += (ds * c.C * h.unsqueeze(2)).sum(1);
+  return dh + (ds * c.C * a.unsqueeze(1)).sum(2);
+}
+
+// Backward of a materialised read under a nonlinear link (Eq. 5.11); returns the gradient of h.
+Tensor linked_read_backward(const MemoryParams& p, const Forward& f, Acc& g, int l, const Tensor& h,
+                            const Tensor& du, const Tensor& z0, const Tensor& s0) {
+  const Coefficients& c = f.c;
+  const int side = f.side[l];
+  const Tensor dz = link_backward(p, f.rz[l], du.unsqueeze(-1) * h.unsqueeze(-2));
+  g.dz0[l] += (gate_matrix(c.alpha.cum, side) * dz).sum(1);
+  g.dA += gate_reduce(dz * z0.unsqueeze(1), side, f.Dg);
+  if (s0.defined()) {
+    g.ds0[l] += (gate_matrix(c.P, side) * dz).sum(1);
+    g.dP += gate_reduce(dz * s0.unsqueeze(1), side, f.Dg);
+  }
+  const AccumulateGrads ag = accumulate_backward(-dz, c.C, f.deltas[l], f.acts[l], side);
+  g.dC += ag.Ct;
+  g.dd[l] += ag.d;
+  g.da[l] += ag.a;
+  return at::matmul(f.rw[l].transpose(-1, -2), du.unsqueeze(-1)).squeeze(-1);
+}
+
+}  // namespace
+
+}  // namespace miras::chunk
+
+namespace miras {
+
+ChunkGrads chunk_backward(const MemoryParams& p, const ChunkInputs& in, const ChunkState& start,
+                          const at::Tensor& grad_o, const ChunkState& grad_end) {
+  using namespace chunk;
+  const Forward f = run_forward(p, in, start);
+  const Coefficients& c = f.c;
+  const int L = p.num_layers();
+  const int64_t n = in.k.size(1);
+  const bool residual = p.memory == Memory::Mlp && p.residual_norm;
+  const auto end_grad = [](const std::vector<Tensor>& v, int l, const Tensor& like) {
+    return size_t(l) < v.size() && v[l].defined() ? v[l] : at::zeros_like(like);
+  };
+
+  Acc g;
+  g.dC = at::zeros_like(c.C);
+  g.dA = at::zeros_like(c.alpha.cum);
+  if (p.momentum()) {
+    g.dP = at::zeros_like(c.P);
+    g.dCS = at::zeros_like(c.CS);
+    g.dMc = at::zeros_like(c.mom.cum);
+  }
+  for (int l = 0; l < L; ++l) {
+    g.dz0.push_back(at::zeros_like(start.memory[l]));
+    g.danchor.push_back(at::zeros_like(start.anchor[l]));
+    if (p.momentum()) g.ds0.push_back(at::zeros_like(start.momentum[l]));
+    g.dd.push_back(at::zeros_like(f.deltas[l]));
+    g.da.push_back(at::zeros_like(f.acts[l]));
+  }
+
+  // The end state (Eqs. 5.8-5.9 at t = n).
+  for (int l = 0; l < L; ++l) {
+    const int side = f.side[l];
+    const Tensor gz = end_grad(grad_end.memory, l, start.memory[l]);
+    g.dz0[l] += gate_matrix(c.alpha.cum.select(1, n - 1), side) * gz;
+    g.dA.select(1, n - 1).add_(gate_reduce(gz * start.memory[l], side, f.Dg));
+    AccumulateGrads ag = accumulate_backward(-gz.unsqueeze(1), c.C.narrow(1, n - 1, 1), f.deltas[l], f.acts[l], side);
+    g.dC.narrow(1, n - 1, 1).add_(ag.Ct);
+    g.dd[l] += ag.d;
+    g.da[l] += ag.a;
+    if (p.momentum()) {
+      const Tensor& s0 = start.momentum[l];
+      g.ds0[l] += gate_matrix(c.P.select(1, n - 1), side) * gz;
+      g.dP.select(1, n - 1).add_(gate_reduce(gz * s0, side, f.Dg));
+      const Tensor gs = end_grad(grad_end.momentum, l, s0);
+      g.ds0[l] += gate_matrix(c.mom.cum.select(1, n - 1), side) * gs;
+      g.dMc.select(1, n - 1).add_(gate_reduce(gs * s0, side, f.Dg));
+      ag = accumulate_backward(-gs.unsqueeze(1), c.CS.narrow(1, n - 1, 1), f.deltas[l], f.acts[l], side);
+      g.dCS.narrow(1, n - 1, 1).add_(ag.Ct);
+      g.dd[l] += ag.d;
+      g.da[l] += ag.a;
+    }
+    const Tensor gh = end_grad(grad_end.anchor, l, start.anchor[l]);
+    if (p.grad_at_retained) {
+      g.danchor[l] += gate_matrix(c.alpha.cum.select(1, n - 1), side) * gh;
+      g.dA.select(1, n - 1).add_(gate_reduce(gh * start.anchor[l], side, f.Dg));
+    } else {
+      g.danchor[l] += gh;
+    }
+  }
+
+  // The read, last layer first.
+  Tensor dx = residual ? grad_o.clone() : at::zeros_like(f.x);
+  Tensor du = residual ? layer_norm_backward(f.rpre.back(), grad_o) : grad_o;
+  for (int l = L - 1; l >= 0; --l) {
+    const Tensor s0 = p.momentum() ? start.momentum[l] : Tensor();
+    const Tensor dh = p.linked() ? linked_read_backward(p, f, g, l, f.rin[l], du, start.memory[l], s0)
+                                 : dual_read_backward(f, g, l, f.rin[l], du, start.memory[l], s0);
+    if (l > 0) {
+      du = dh * activation_grad(p, f.rpre[l - 1]);
+    } else {
+      dx += dh;
+    }
+  }
+
+  // Through the gradients taken at the anchor: deltas and layer inputs back to the anchor weights, k, v
+  // and delta (second order).
+  std::vector<Tensor> dwb, dpre;
+  for (int l = 0; l < L; ++l) {
+    dwb.push_back(at::zeros_like(f.wb[l]));
+    dpre.push_back(at::zeros_like(f.pre[l]));
+  }
+  for (int l = 1; l < L; ++l) {  // deltas[l-1] = (deltas[l] W_l) s'(pre[l-1]) (Eq. 5.4)
+    const Tensor sp = activation_grad(p, f.pre[l - 1]);
+    const Tensor dw = g.dd[l - 1] * sp;
+    dpre[l - 1] += g.dd[l - 1] * at::matmul(f.deltas[l], f.wb[l]) * activation_grad2(p, f.pre[l - 1]);
+    g.dd[l] += at::matmul(dw, f.wb[l].transpose(-1, -2));
+    dwb[l] += at::matmul(f.deltas[l].transpose(-1, -2), dw);
+  }
+  Tensor dg = g.dd[L - 1];
+  if (residual) {
+    const LayerNormBackwardGrads lg = layer_norm_backward_backward(f.pre.back(), f.g, dg);
+    dg = lg.g;
+    dpre[L - 1] += lg.u;
+  }
+  const BiasGrads bg = bias_backward(p, dg, f.y, in.v, in.delta);
+  Tensor dk = at::zeros_like(in.k);
+  if (residual) {
+    dk += bg.y;
+    dpre[L - 1] += layer_norm_backward(f.pre.back(), bg.y);
+  } else {
+    dpre[L - 1] += bg.y;
+  }
+  for (int l = L - 1; l >= 0; --l) {
+    Tensor dul = dpre[l];
+    if (p.grad_at_retained) {  // u = (a W^T) A (Eq. 5.2)
+      g.dA += channel_reduce(dul * at::matmul(f.acts[l], f.wb[l].transpose(-1, -2)), f.Dg);
+      dul = dul * c.alpha.cum;
+    }
+    dwb[l] += at::matmul(dul.transpose(-1, -2), f.acts[l]);
+    g.da[l] += at::matmul(dul, f.wb[l]);
+    if (l > 0) dpre[l - 1] += g.da[l] * activation_grad(p, f.pre[l - 1]);
+  }
+  dk += g.da[0];
+
+  ChunkGrads out;
+  for (int l = 0; l < L; ++l) out.state.anchor.push_back(g.danchor[l] + link_backward(p, start.anchor[l], dwb[l]));
+  out.state.memory = g.dz0;
+  out.state.momentum = g.ds0;
+
+  // Coefficients to gates (Eqs. 5.7-5.9).
+  const Tensor e_cols = c.e.unsqueeze(1);
+  Tensor de, dDa;
+  if (p.momentum()) {
+    const Tensor dCm = g.dC * e_cols;
+    de = (g.dC * c.Cm).sum(1) + (g.dCS * c.mom.D).sum(1);
+    // dD^alpha[t, j] = sum_i dCm[t, i] D^m[j, i] + dP[t] M[j]; dD^m[j, i] = sum_t D^alpha[t, j] dCm[t, i].
+    dDa = at::matmul(dCm.permute({0, 3, 1, 2}), c.mom.D.permute({0, 3, 2, 1})).permute({0, 2, 3, 1}) +
+          g.dP.unsqueeze(2) * c.mom.cum.unsqueeze(1);
+    const Tensor dDm =
+        at::matmul(c.alpha.D.permute({0, 3, 2, 1}), dCm.permute({0, 3, 1, 2})).permute({0, 2, 3, 1}) +
+        g.dCS * e_cols;
+    const Tensor dMc = g.dMc + (g.dP.unsqueeze(2) * c.alpha.D).sum(1);
+    out.momentum = decay_backward(c.mom, dDm, dMc);
+  } else {
+    de = (g.dC * c.alpha.D).sum(1);
+    dDa = g.dC * e_cols;
+  }
+  if (in.alpha.defined()) out.alpha = decay_backward(c.alpha, dDa, g.dA);
+  out.lr = de;
+  // Gates given one per head come back in their own shape.
+  const auto shaped = [](const Tensor& grad, const Tensor& gate) {
+    return !grad.defined() || gate.dim() == 3 ? grad : grad.squeeze(-1);
+  };
+  out.lr = shaped(out.lr, in.lr);
+  out.alpha = shaped(out.alpha, in.alpha);
+  out.momentum = shaped(out.momentum, in.momentum);
+  out.q = dx * p.scale;
+  out.k = dk;
+  out.v = bg.v;
+  out.delta = bg.delta;
+  return out;
+}
+
+}  // namespace miras

@@ -1,0 +1,116 @@
+// Forward of one run of tokens sharing an anchor (docs/math.md, Section 5).
+#include "cpu/memory/chunk_math.h"
+
+namespace miras::chunk {
+
+namespace {
+
+Tensor as_channels(const Tensor& g) { return !g.defined() || g.dim() == 3 ? g : g.unsqueeze(-1); }
+
+// The dual-form read of weight tensor l at inputs h (Eq. 5.10), never forming W_t.
+Tensor dual_read(const Forward& f, int l, const Tensor& h, const Tensor& z0, const Tensor& s0) {
+  const Coefficients& c = f.c;
+  const Tensor& d = f.deltas[l];
+  const Tensor& a = f.acts[l];
+  if (f.side[l] == 0) {
+    Tensor u = c.alpha.cum * at::matmul(h, z0.transpose(-1, -2));
+    if (s0.defined()) u = u + c.P * at::matmul(h, s0.transpose(-1, -2));
+    const Tensor dots = at::matmul(h, a.transpose(-1, -2));
+    if (f.Dg == 1) return u - at::matmul(c.C.squeeze(-1) * dots, d);
+    return u - (c.C * dots.unsqueeze(-1) * d.unsqueeze(1)).sum(2);
+  }
+  Tensor u = at::matmul(c.alpha.cum * h, z0.transpose(-1, -2));
+  if (s0.defined()) u = u + at::matmul(c.P * h, s0.transpose(-1, -2));
+  const Tensor s = (c.C * a.unsqueeze(1) * h.unsqueeze(2)).sum(-1);
+  return u - at::matmul(s, d);
+}
+
+// Z_t of weight tensor l for every token of the run (Eqs. 5.8-5.9), [G, n, out, in].
+Tensor all_states(const Forward& f, int l, const Tensor& z0, const Tensor& s0) {
+  const Coefficients& c = f.c;
+  Tensor z = gate_matrix(c.alpha.cum, f.side[l]) * z0.unsqueeze(1);
+  if (s0.defined()) z = z + gate_matrix(c.P, f.side[l]) * s0.unsqueeze(1);
+  return z - accumulate(c.C, f.deltas[l], f.acts[l], f.side[l]);
+}
+
+}  // namespace
+
+Forward run_forward(const MemoryParams& p, const ChunkInputs& in, const ChunkState& start) {
+  Forward f;
+  const int L = p.num_layers();
+  const Tensor lr = as_channels(in.lr);
+  f.Dg = lr.size(-1);
+  for (int l = 0; l < L; ++l) f.side.push_back(gate_side(p, l, p.per_channel));
+  f.c = coefficients(p, lr, as_channels(in.alpha), as_channels(in.momentum));
+  const bool residual = p.memory == Memory::Mlp && p.residual_norm;
+
+  // Gradients at the anchor (Eqs. 5.1-5.5).
+  for (const Tensor& z : start.anchor) f.wb.push_back(link(p, z));
+  Tensor h = in.k;
+  for (int l = 0; l < L; ++l) {
+    f.acts.push_back(h);
+    Tensor u = at::matmul(h, f.wb[l].transpose(-1, -2));
+    if (p.grad_at_retained) u = u * f.c.alpha.cum;  // Eq. 5.2
+    f.pre.push_back(u);
+    if (l < L - 1) h = activation(p, u);
+  }
+  f.y = residual ? in.k + layer_norm(f.pre.back()) : f.pre.back();
+  f.g = bias_output_grad(p, f.y, in.v, in.delta);
+  f.deltas.assign(L, Tensor());
+  Tensor d = residual ? layer_norm_backward(f.pre.back(), f.g) : f.g;
+  f.deltas[L - 1] = d;
+  for (int l = L - 1; l > 0; --l) {
+    d = at::matmul(d, f.wb[l]) * activation_grad(p, f.pre[l - 1]);  // Eq. 5.4
+    f.deltas[l - 1] = d;
+  }
+
+  // The read (Eq. 4.3): dual form for W = Z, materialised states under a nonlinear link (Eq. 5.11).
+  f.x = in.q * p.scale;
+  h = f.x;
+  for (int l = 0; l < L; ++l) {
+    f.rin.push_back(h);
+    const Tensor s0 = p.momentum() ? start.momentum[l] : Tensor();
+    Tensor u;
+    if (p.linked()) {
+      f.rz.push_back(all_states(f, l, start.memory[l], s0));
+      f.rw.push_back(link(p, f.rz.back()));
+      u = at::matmul(f.rw.back(), h.unsqueeze(-1)).squeeze(-1);
+    } else {
+      u = dual_read(f, l, h, start.memory[l], s0);
+    }
+    f.rpre.push_back(u);
+    if (l < L - 1) h = activation(p, u);
+  }
+  f.o = residual ? f.x + layer_norm(f.rpre.back()) : f.rpre.back();
+  return f;
+}
+
+}  // namespace miras::chunk
+
+namespace miras {
+
+at::Tensor chunk_forward(const MemoryParams& p, const ChunkInputs& in, ChunkState& state) {
+  using namespace chunk;
+  TORCH_CHECK_VALUE(p.memory != Memory::Vector, "spec: the compiled op supports matrix and mlp memory");
+  const Forward f = run_forward(p, in, state);
+  const Coefficients& c = f.c;
+  const int64_t n = in.k.size(1);
+  const Tensor last_c = c.C.narrow(1, n - 1, 1);
+  const Tensor a_end = c.alpha.cum.select(1, n - 1);
+  for (int l = 0; l < p.num_layers(); ++l) {
+    const int side = f.side[l];
+    // End of the run (Eqs. 5.8-5.9, t = n).
+    Tensor z = gate_matrix(a_end, side) * state.memory[l];
+    if (p.momentum()) {
+      const Tensor& s0 = state.momentum[l];
+      z = z + gate_matrix(c.P.select(1, n - 1), side) * s0;
+      state.momentum[l] = gate_matrix(c.mom.cum.select(1, n - 1), side) * s0 -
+                          accumulate(c.CS.narrow(1, n - 1, 1), f.deltas[l], f.acts[l], side).squeeze(1);
+    }
+    state.memory[l] = z - accumulate(last_c, f.deltas[l], f.acts[l], side).squeeze(1);
+    if (p.grad_at_retained) state.anchor[l] = gate_matrix(a_end, side) * state.anchor[l];
+  }
+  return f.o;
+}
+
+}  // namespace miras

@@ -1,0 +1,234 @@
+#include "cpu/memory/chunk_math.h"
+
+#include <ATen/Dispatch.h>
+
+#include <cmath>
+
+#include "cpu/bias_rows.h"
+
+namespace miras::chunk {
+
+namespace {
+
+// Keeps the l_q normaliser of an all-zero state finite (Eq. 3.5).
+constexpr double kNormEps = 1e-12;
+// LayerNorm epsilon of the residual read-out (Eq. 1.4).
+constexpr double kLnEps = 1e-5;
+
+Tensor tril_mask(int64_t n, int64_t diagonal, const Tensor& like) {
+  return at::ones({n, n}, like.options().dtype(at::kBool)).tril(diagonal).unsqueeze(-1);
+}
+
+}  // namespace
+
+Decay decay(const Tensor& g) {
+  const int64_t n = g.size(1);
+  const Tensor rows = g.unsqueeze(2);  // [G, n(t), 1, Dg]
+  // L[t, i] = g_t for i < t, else 1; its running product over t is D on and below the diagonal.
+  const Tensor steps = at::where(tril_mask(n, -1, g), rows, at::ones_like(rows));
+  return {at::cumprod(steps, 1) * tril_mask(n, 0, g), at::cumprod(g, 1)};
+}
+
+Tensor decay_backward(const Decay& d, const Tensor& dD, const Tensor& dcum) {
+  // dD[t, i] / dg_j = D[t, j] D[j - 1, i] for i < j <= t; dcum_t / dg_j = cum_{j-1} D[t, j].
+  Tensor prev = at::zeros_like(d.D);
+  prev.narrow(1, 1, d.D.size(1) - 1).copy_(d.D.narrow(1, 0, d.D.size(1) - 1));
+  // X[t, j, c] = sum_i dD[t, i, c] prev[j, i, c], as a batched product over (G, c).
+  const Tensor x = at::matmul(dD.permute({0, 3, 1, 2}), prev.permute({0, 3, 2, 1})).permute({0, 2, 3, 1});
+  Tensor dg = (d.D * x).sum(1);
+  const Tensor cum_prev = at::cat({at::ones_like(d.cum.narrow(1, 0, 1)), d.cum.narrow(1, 0, d.cum.size(1) - 1)}, 1);
+  return dg + cum_prev * (dcum.unsqueeze(2) * d.D).sum(1);
+}
+
+Coefficients coefficients(const MemoryParams& p, const Tensor& lr, const Tensor& alpha, const Tensor& momentum) {
+  Coefficients c;
+  c.e = lr;
+  c.alpha = decay(alpha.defined() ? alpha : at::ones_like(lr));
+  const Tensor e_cols = lr.unsqueeze(1);  // e_i scales column i
+  if (p.momentum()) {
+    c.mom = decay(momentum);
+    // Cm[t, i] = sum_j D^alpha[t, j] D^m[j, i], per channel (Eq. 5.9).
+    c.Cm = at::matmul(c.alpha.D.permute({0, 3, 1, 2}), c.mom.D.permute({0, 3, 1, 2})).permute({0, 2, 3, 1});
+    c.C = c.Cm * e_cols;
+    c.P = (c.alpha.D * c.mom.cum.unsqueeze(1)).sum(2);
+    c.CS = c.mom.D * e_cols;
+  } else {
+    c.C = c.alpha.D * e_cols;  // Eq. 5.8
+  }
+  return c;
+}
+
+int gate_side(const MemoryParams& p, int l, bool per_channel) {
+  if (!per_channel) return 0;
+  return l == p.num_layers() - 1 ? 0 : 1;
+}
+
+Tensor gate_matrix(const Tensor& g, int side) { return side == 0 ? g.unsqueeze(-1) : g.unsqueeze(-2); }
+
+Tensor channel_reduce(const Tensor& x, int64_t Dg) { return Dg > 1 ? x : x.sum(-1, true); }
+
+Tensor gate_reduce(const Tensor& x, int side, int64_t Dg) {
+  return channel_reduce(side == 0 ? x.sum(-1) : x.sum(-2), Dg);
+}
+
+Tensor accumulate(const Tensor& Ct, const Tensor& d, const Tensor& a, int side) {
+  if (side == 0) {
+    const Tensor e = Ct * d.unsqueeze(1);                      // [G, t, n, out]
+    return at::matmul(e.transpose(-1, -2), a.unsqueeze(1));    // [G, t, out, in]
+  }
+  const Tensor e = Ct * a.unsqueeze(1);                        // [G, t, n, in]
+  return at::matmul(d.transpose(-1, -2).unsqueeze(1), e);
+}
+
+AccumulateGrads accumulate_backward(const Tensor& grad, const Tensor& Ct, const Tensor& d, const Tensor& a,
+                                    int side) {
+  const int64_t Dg = Ct.size(-1);
+  if (side == 0) {
+    const Tensor e = Ct * d.unsqueeze(1);
+    const Tensor de = at::matmul(grad, a.unsqueeze(1).transpose(-1, -2)).transpose(-1, -2);  // [G, t, n, out]
+    return {channel_reduce(de * d.unsqueeze(1), Dg), (de * Ct).sum(1), at::matmul(e, grad).sum(1)};
+  }
+  const Tensor e = Ct * a.unsqueeze(1);
+  const Tensor de = at::matmul(d.unsqueeze(1), grad);  // [G, t, n, in]
+  return {channel_reduce(de * a.unsqueeze(1), Dg), at::matmul(e, grad.transpose(-1, -2)).sum(1),
+          (de * Ct).sum(1)};
+}
+
+Tensor link(const MemoryParams& p, const Tensor& z) {
+  switch (p.retention) {
+    case Retention::None:
+    case Retention::L2:
+      return z;
+    case Retention::Lq: {
+      const double q = p.norm_order;
+      const Tensor total = z.abs().pow(q).sum({-2, -1}, true) + kNormEps;
+      return z * total.pow(-(q - 2.0) / q);
+    }
+    case Retention::Kl: {
+      const double c = p.simplex_scale > 0 ? p.simplex_scale : std::sqrt(double(z.size(-1)));
+      return at::softmax(z, -1) * c;
+    }
+    case Retention::ElasticNet:
+      return z.sign() * at::relu(z.abs() - p.shrinkage);
+    case Retention::Sigmoid:
+      return at::sigmoid(z);
+  }
+  return z;
+}
+
+Tensor link_backward(const MemoryParams& p, const Tensor& z, const Tensor& grad_w) {
+  switch (p.retention) {
+    case Retention::None:
+    case Retention::L2:
+      return grad_w;
+    case Retention::Lq: {
+      const double q = p.norm_order, gamma = (q - 2.0) / q;
+      const Tensor total = z.abs().pow(q).sum({-2, -1}, true) + kNormEps;
+      const Tensor inner = (grad_w * z).sum({-2, -1}, true);
+      return grad_w * total.pow(-gamma) - gamma * q * total.pow(-gamma - 1.0) * inner * z.abs().pow(q - 2.0) * z;
+    }
+    case Retention::Kl: {
+      const double c = p.simplex_scale > 0 ? p.simplex_scale : std::sqrt(double(z.size(-1)));
+      const Tensor s = at::softmax(z, -1);
+      return c * s * (grad_w - (grad_w * s).sum(-1, true));
+    }
+    case Retention::ElasticNet:
+      return grad_w * (z.abs() > p.shrinkage);
+    case Retention::Sigmoid: {
+      const Tensor s = at::sigmoid(z);
+      return grad_w * s * (1 - s);
+    }
+  }
+  return grad_w;
+}
+
+Tensor activation(const MemoryParams& p, const Tensor& u) {
+  return p.activation == Activation::Gelu ? at::gelu(u) : at::silu(u);
+}
+
+Tensor activation_grad(const MemoryParams& p, const Tensor& u) {
+  if (p.activation == Activation::Gelu) {  // Phi(u) + u phi(u)
+    return 0.5 * (1 + at::erf(u * M_SQRT1_2)) + u * at::exp(-0.5 * u * u) * (0.5 * M_2_SQRTPI * M_SQRT1_2);
+  }
+  const Tensor s = at::sigmoid(u);
+  return s * (1 + u * (1 - s));
+}
+
+Tensor activation_grad2(const MemoryParams& p, const Tensor& u) {
+  if (p.activation == Activation::Gelu) {  // phi(u) (2 - u^2)
+    return at::exp(-0.5 * u * u) * (0.5 * M_2_SQRTPI * M_SQRT1_2) * (2 - u * u);
+  }
+  const Tensor s = at::sigmoid(u);
+  return s * (1 - s) * (2 + u * (1 - 2 * s));
+}
+
+namespace {
+
+struct Normalised {
+  Tensor xhat, rstd;
+};
+
+Normalised normalise(const Tensor& u) {
+  const Tensor mu = u.mean(-1, true);
+  const Tensor rstd = at::rsqrt((u - mu).pow(2).mean(-1, true) + kLnEps);
+  return {(u - mu) * rstd, rstd};
+}
+
+}  // namespace
+
+Tensor layer_norm(const Tensor& u) { return normalise(u).xhat; }
+
+Tensor layer_norm_backward(const Tensor& u, const Tensor& g) {
+  const auto [xhat, rstd] = normalise(u);
+  return rstd * (g - g.mean(-1, true) - xhat * (g * xhat).mean(-1, true));
+}
+
+LayerNormBackwardGrads layer_norm_backward_backward(const Tensor& u, const Tensor& g, const Tensor& grad) {
+  // f = r (g - mean(g) - xhat m), m = mean(g xhat); with a = <grad, g - mean g>, b = <grad, xhat>:
+  // df/du^T grad = -(a - m b) r^2 xhat / n - r b dm/du - r m db/du, dm/du = LNb(u, g) / n, db/du = LNb(u, grad).
+  const auto [xhat, rstd] = normalise(u);
+  const double n = double(u.size(-1));
+  const Tensor a = (grad * (g - g.mean(-1, true))).sum(-1, true);
+  const Tensor b = (grad * xhat).sum(-1, true);
+  const Tensor m = (g * xhat).mean(-1, true);
+  const Tensor db = layer_norm_backward(u, grad);
+  const Tensor du = -(a - m * b) * rstd * rstd * xhat / n - rstd * b * layer_norm_backward(u, g) / n - rstd * m * db;
+  return {db, du};
+}
+
+namespace {
+
+RowProblem row_problem(const MemoryParams& p, const Tensor& y, const Tensor& delta) {
+  DeltaLayout layout = DeltaLayout::none;
+  if (delta.defined()) layout = delta.dim() == y.dim() ? DeltaLayout::per_channel : DeltaLayout::per_row;
+  return {p.bias, layout, p.p, p.eps, y.numel() / y.size(-1), y.size(-1)};
+}
+
+}  // namespace
+
+Tensor bias_output_grad(const MemoryParams& p, const Tensor& y, const Tensor& v, const Tensor& delta) {
+  const Tensor yc = y.contiguous(), vc = v.contiguous();
+  const Tensor dc = delta.defined() ? delta.contiguous() : delta;
+  Tensor g = at::empty_like(yc);
+  AT_DISPATCH_FLOATING_TYPES(yc.scalar_type(), "miras_ext::memory bias", [&] {
+    forward_rows<scalar_t>(row_problem(p, yc, dc), yc.const_data_ptr<scalar_t>(), vc.const_data_ptr<scalar_t>(),
+                           in_or_null<scalar_t>(dc), g.mutable_data_ptr<scalar_t>());
+  });
+  return g;
+}
+
+BiasGrads bias_backward(const MemoryParams& p, const Tensor& grad, const Tensor& y, const Tensor& v,
+                        const Tensor& delta) {
+  const Tensor gc = grad.contiguous(), yc = y.contiguous(), vc = v.contiguous();
+  const Tensor dc = delta.defined() ? delta.contiguous() : delta;
+  Tensor gy = at::empty_like(yc), gv = at::empty_like(vc);
+  Tensor gd = dc.defined() ? at::empty_like(dc) : Tensor();
+  AT_DISPATCH_FLOATING_TYPES(yc.scalar_type(), "miras_ext::memory bias backward", [&] {
+    backward_rows<scalar_t>(row_problem(p, yc, dc), gc.const_data_ptr<scalar_t>(), yc.const_data_ptr<scalar_t>(),
+                            vc.const_data_ptr<scalar_t>(), in_or_null<scalar_t>(dc), gy.mutable_data_ptr<scalar_t>(),
+                            gv.mutable_data_ptr<scalar_t>(), gd.defined() ? gd.mutable_data_ptr<scalar_t>() : nullptr);
+  });
+  return {gy, gv, gd};
+}
+
+}  // namespace miras::chunk

@@ -1,0 +1,91 @@
+// Building blocks of a chunk run (docs/math.md, Sections 1-5), shared by its forward and backward.
+// Tensors carry a leading group axis G; gates are [G, n, Dg] with Dg = 1 (one per head) or Dv.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <vector>
+
+#include "common/memory_params.h"
+#include "cpu/memory/chunk.h"
+
+namespace miras::chunk {
+
+using at::Tensor;
+
+// Eq. 5.7: D[t, i] = prod_{i < j <= t} g_j (i <= t, else 0) as [G, n, n, Dg], and cum_t = prod_{j <= t} g_j.
+struct Decay {
+  Tensor D, cum;
+};
+Decay decay(const Tensor& g);
+// Gradient of g from gradients of D and cum, by the product rule without division (a gate may be 0).
+Tensor decay_backward(const Decay& d, const Tensor& dD, const Tensor& dcum);
+
+// Coefficients of one run: C and A (Eq. 5.8); with momentum also P, CS, Mc (Eq. 5.9).
+struct Coefficients {
+  Tensor e;          // learning rate [G, n, Dg]
+  Decay alpha;       // D^alpha and A
+  Decay mom;         // D^m and M (momentum only)
+  Tensor Cm;         // D^alpha D^m (momentum only)
+  Tensor C, P, CS;   // [G, n, n, Dg], [G, n, Dg], [G, n, n, Dg]
+};
+Coefficients coefficients(const MemoryParams& p, const Tensor& lr, const Tensor& alpha, const Tensor& momentum);
+
+// Side of weight tensor l that a gate scales (Eq. 3.4): 0 rows (outputs), 1 columns (inputs).
+int gate_side(const MemoryParams& p, int l, bool per_channel);
+// A gate [..., Dg] broadcast over a weight [..., out, in].
+Tensor gate_matrix(const Tensor& g, int side);
+// x [..., out, in] reduced onto the gate layout [..., Dg].
+Tensor gate_reduce(const Tensor& x, int side, int64_t Dg);
+// Reduces a trailing channel axis to Dg (sum when Dg = 1).
+Tensor channel_reduce(const Tensor& x, int64_t Dg);
+
+// sum_j Ct[t, j] G_j for G_j = d_j a_j^T (Eq. 5.3): Ct [G, t, n, Dg], d [G, n, out], a [G, n, in].
+Tensor accumulate(const Tensor& Ct, const Tensor& d, const Tensor& a, int side);
+struct AccumulateGrads {
+  Tensor Ct, d, a;
+};
+AccumulateGrads accumulate_backward(const Tensor& grad, const Tensor& Ct, const Tensor& d, const Tensor& a,
+                                    int side);
+
+// Retention link W = phi(Z) (Eqs. 3.1, 3.5-3.8) over the last two axes, and its vector-Jacobian product.
+Tensor link(const MemoryParams& p, const Tensor& z);
+Tensor link_backward(const MemoryParams& p, const Tensor& z, const Tensor& grad_w);
+
+Tensor activation(const MemoryParams& p, const Tensor& u);
+Tensor activation_grad(const MemoryParams& p, const Tensor& u);   // s'(u)
+Tensor activation_grad2(const MemoryParams& p, const Tensor& u);  // s''(u)
+
+// LayerNorm without affine over the last axis (Eq. 1.4), its backward (Eq. 5.5) and the backward of that.
+Tensor layer_norm(const Tensor& u);
+Tensor layer_norm_backward(const Tensor& u, const Tensor& g);
+struct LayerNormBackwardGrads {
+  Tensor g, u;
+};
+LayerNormBackwardGrads layer_norm_backward_backward(const Tensor& u, const Tensor& g, const Tensor& grad);
+
+// The attentional bias row by row (common/bias.h): g = dl/dy (Eqs. 2.9-2.16), and (H u, -H u, dl/ddelta)
+// for the backward (Eqs. 2.17-2.20). delta [G, n] or [G, n, Dv] or undefined.
+Tensor bias_output_grad(const MemoryParams& p, const Tensor& y, const Tensor& v, const Tensor& delta);
+struct BiasGrads {
+  Tensor y, v, delta;
+};
+BiasGrads bias_backward(const MemoryParams& p, const Tensor& grad, const Tensor& y, const Tensor& v,
+                        const Tensor& delta);
+
+// Everything the forward of a run computes; the backward recomputes it from the run's start state.
+struct Forward {
+  int64_t Dg = 1;
+  std::vector<int> side;
+  Coefficients c;
+  Tensor x;                               // scale * q
+  std::vector<Tensor> wb;                 // anchor weights phi(anchor)
+  std::vector<Tensor> acts, pre, deltas;  // anchor pass: layer inputs, pre-activations, Eq. 5.3-5.4 deltas
+  Tensor y, g;                            // anchor prediction and bias gradient
+  std::vector<Tensor> rin, rpre;          // read pass: layer inputs and pre-activations
+  std::vector<Tensor> rz, rw;             // materialised states and weights (nonlinear link only)
+  Tensor o;
+};
+Forward run_forward(const MemoryParams& p, const ChunkInputs& in, const ChunkState& start);
+
+}  // namespace miras::chunk
