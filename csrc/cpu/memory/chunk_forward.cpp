@@ -91,7 +91,9 @@ namespace miras {
 
 at::Tensor chunk_forward(const MemoryParams& p, const ChunkInputs& in, ChunkState& state) {
   using namespace chunk;
-  TORCH_CHECK_VALUE(p.memory != Memory::Vector, "spec: the compiled op supports matrix and mlp memory");
+  TORCH_CHECK_VALUE(p.memory != Memory::Vector,
+                    "memory: the compiled op implements matrix and mlp memory; vector memory runs in "
+                    "miras_ext.reference");
   const Forward f = run_forward(p, in, state);
   const Coefficients& c = f.c;
   const int64_t n = in.k.size(1);
