@@ -1,4 +1,4 @@
-// Explicit backward of one run (docs/math.md, Section 5): the forward is recomputed from the run's start
+// Explicit backward of one run (docs/math.md, Section 9): the forward is recomputed from the run's start
 // state, then every step is differentiated by hand, including the second-order terms of the gradients taken
 // at the anchor (Eqs. 2.17-2.20 for the bias, the LayerNorm and activation second derivatives).
 #include "cpu/memory/chunk_math.h"
@@ -13,7 +13,7 @@ struct Acc {
   std::vector<Tensor> dz0, ds0, danchor, dd, da;
 };
 
-// Backward of the dual-form read of layer l (Eq. 5.10); returns the gradient of its input h.
+// Backward of the dual-form read of layer l (Eqs. 5.10, 9.2); returns the gradient of its input h.
 Tensor dual_read_backward(const Forward& f, Acc& g, int l, const Tensor& h, const Tensor& du, const Tensor& z0,
                           const Tensor& s0) {
   const Coefficients& c = f.c;
@@ -65,7 +65,7 @@ Tensor dual_read_backward(const Forward& f, Acc& g, int l, const Tensor& h, cons
   return dh + (ds * c.C * a.unsqueeze(1)).sum(2);
 }
 
-// Backward of a materialised read under a nonlinear link (Eq. 5.11); returns the gradient of h.
+// Backward of a materialised read under a nonlinear link (Eqs. 5.11, 9.3); returns the gradient of h.
 Tensor linked_read_backward(const MemoryParams& p, const Forward& f, Acc& g, int l, const Tensor& h,
                             const Tensor& du, const Tensor& z0, const Tensor& s0) {
   const Coefficients& c = f.c;
@@ -118,7 +118,7 @@ ChunkGrads chunk_backward(const MemoryParams& p, const ChunkInputs& in, const Ch
     g.da.push_back(at::zeros_like(f.acts[l]));
   }
 
-  // The end state (Eqs. 5.8-5.9 at t = n).
+  // The end state (Eq. 9.1).
   for (int l = 0; l < L; ++l) {
     const int side = f.side[l];
     const Tensor gz = end_grad(grad_end.memory, l, start.memory[l]);
@@ -164,7 +164,7 @@ ChunkGrads chunk_backward(const MemoryParams& p, const ChunkInputs& in, const Ch
   }
 
   // Through the gradients taken at the anchor: deltas and layer inputs back to the anchor weights, k, v
-  // and delta (second order).
+  // and delta (second order, Eq. 9.4).
   std::vector<Tensor> dwb, dpre;
   for (int l = 0; l < L; ++l) {
     dwb.push_back(at::zeros_like(f.wb[l]));
@@ -208,7 +208,7 @@ ChunkGrads chunk_backward(const MemoryParams& p, const ChunkInputs& in, const Ch
   out.state.memory = g.dz0;
   out.state.momentum = g.ds0;
 
-  // Coefficients to gates (Eqs. 5.7-5.9).
+  // Coefficients to gates (Eq. 9.5).
   const Tensor e_cols = c.e.unsqueeze(1);
   Tensor de, dDa;
   if (p.momentum()) {

@@ -18,7 +18,7 @@ struct Decay {
   Tensor D, cum;
 };
 Decay decay(const Tensor& g);
-// Gradient of g from gradients of D and cum, by the product rule without division (a gate may be 0).
+// Gradient of g from gradients of D and cum, by the product rule without division (Eq. 9.5).
 Tensor decay_backward(const Decay& d, const Tensor& dD, const Tensor& dcum);
 
 // Coefficients of one run: C and A (Eq. 5.8); with momentum also P, CS, Mc (Eq. 5.9).
@@ -48,7 +48,8 @@ struct AccumulateGrads {
 AccumulateGrads accumulate_backward(const Tensor& grad, const Tensor& Ct, const Tensor& d, const Tensor& a,
                                     int side);
 
-// Retention link W = phi(Z) (Eqs. 3.1, 3.5-3.8) over the last two axes, and its vector-Jacobian product.
+// Retention link W = phi(Z) (Eqs. 3.1, 3.5-3.8) over the last two axes, and its vector-Jacobian product
+// (Eq. 9.3).
 Tensor link(const MemoryParams& p, const Tensor& z);
 Tensor link_backward(const MemoryParams& p, const Tensor& z, const Tensor& grad_w);
 
@@ -56,7 +57,8 @@ Tensor activation(const MemoryParams& p, const Tensor& u);
 Tensor activation_grad(const MemoryParams& p, const Tensor& u);   // s'(u)
 Tensor activation_grad2(const MemoryParams& p, const Tensor& u);  // s''(u)
 
-// LayerNorm without affine over the last axis (Eq. 1.4), its backward (Eq. 5.5) and the backward of that.
+// LayerNorm without affine over the last axis (Eq. 1.4), its backward (Eq. 5.5) and the backward of that
+// (Eq. 9.4).
 Tensor layer_norm(const Tensor& u);
 Tensor layer_norm_backward(const Tensor& u, const Tensor& g);
 struct LayerNormBackwardGrads {
