@@ -12,25 +12,6 @@
 namespace miras {
 namespace {
 
-constexpr std::array<std::pair<std::string_view, Bias>, 8> kBiasNames{{
-    {"dot", Bias::dot},
-    {"l2", Bias::l2},
-    {"lp", Bias::lp},
-    {"l1", Bias::lp},
-    {"huber", Bias::huber},
-    {"huber_norm", Bias::huber_norm},
-    {"yaad", Bias::yaad},
-    {"value_shift", Bias::value_shift},
-}};
-
-Bias parse_bias(std::string_view name) {
-  for (const auto& [known, bias] : kBiasNames) {
-    if (known == name) return bias;
-  }
-  TORCH_CHECK_VALUE(false, "bias: unknown attentional bias '", name,
-                    "'; expected one of dot, l2, lp, l1, huber, huber_norm, yaad, value_shift");
-}
-
 bool is_threshold_bias(Bias b) { return b == Bias::huber || needs_row_norm(b); }
 
 void check_like_y(const at::Tensor& t, const char* name, const at::Tensor& y) {
@@ -55,6 +36,25 @@ DeltaLayout check_delta(const at::Tensor& d, const at::Tensor& y, Bias bias) {
 }
 
 }  // namespace
+
+constexpr std::array<std::pair<std::string_view, Bias>, 8> kBiasNames{{
+    {"dot", Bias::dot},
+    {"l2", Bias::l2},
+    {"lp", Bias::lp},
+    {"l1", Bias::lp},
+    {"huber", Bias::huber},
+    {"huber_norm", Bias::huber_norm},
+    {"yaad", Bias::yaad},
+    {"value_shift", Bias::value_shift},
+}};
+
+Bias parse_bias(std::string_view name) {
+  for (const auto& [known, bias] : kBiasNames) {
+    if (known == name) return bias;
+  }
+  TORCH_CHECK_VALUE(false, "bias: unknown attentional bias '", name,
+                    "'; expected one of dot, l2, lp, l1, huber, huber_norm, yaad, value_shift");
+}
 
 RowProblem check_bias_args(const at::Tensor& y, const at::Tensor& v, const std::optional<at::Tensor>& delta,
                            std::string_view bias_name, double p, double eps, const at::Tensor* grad) {

@@ -11,6 +11,9 @@
 
 namespace miras {
 
+// The Bias of an attentional-bias name ("l1" is Bias::lp); raises ValueError naming `bias` otherwise.
+Bias parse_bias(std::string_view name);
+
 // Checks shapes, dtypes, devices and scalar options (raising ValueError naming the argument) and returns
 // the row problem they describe. `grad` is the upstream gradient of bias_grad_backward, if any.
 RowProblem check_bias_args(const at::Tensor& y, const at::Tensor& v, const std::optional<at::Tensor>& delta,
