@@ -161,3 +161,14 @@ def test_vector_memory_is_reference_only():
     inp = make_inputs(spec, B=1, T=3, H=1)
     with pytest.raises(ValueError, match="^memory:"):
         inp.call(miras_ext.memory_forward)
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+@pytest.mark.parametrize("retention", ["l2", "kl"])
+def test_runs_whose_retention_underflows(per_channel, retention):
+    """Retention products that leave the factored form's safe range (docs/math.md Eq. 5.12) take the
+    coefficient-matrix path; both must agree with the reference, inside one call."""
+    spec = MemorySpec(memory="mlp", expansion=2, bias="huber", retention=retention)
+    inp = make_inputs(spec, B=1, T=80, H=2, per_channel=per_channel, init="random")
+    inp.gates["alpha"][:, :50] = 1e-5  # the first chunk's A reaches 1e-250, under the float64 floor 1e-200
+    assert_same(run(miras_ext.memory_forward, inp, chunk_size=64), run(reference.chunked, inp, chunk_size=64))

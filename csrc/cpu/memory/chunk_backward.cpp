@@ -10,6 +10,7 @@ namespace {
 // Gradient accumulators of one run.
 struct Acc {
   Tensor dC, dA, dP, dCS, dMc;
+  Tensor det;  // gradient of e~ (factored runs, Eq. 5.12)
   std::vector<Tensor> dz0, ds0, danchor, dd, da;
 };
 
@@ -20,6 +21,33 @@ Tensor dual_read_backward(const Forward& f, Acc& g, int l, const Tensor& h, cons
   const Tensor& d = f.deltas[l];
   const Tensor& a = f.acts[l];
   const Tensor& A = c.alpha.cum;
+  if (c.factored) {  // Eq. 5.12
+    const Factored ft = factored_terms(c, f.side[l], d, a);
+    if (f.side[l] == 0) {  // u = A (h Z0^T - (mask dots) d~)
+      const Tensor mdots = c.mask * at::matmul(h, a.transpose(-1, -2));
+      g.dA += channel_reduce(du * (at::matmul(h, z0.transpose(-1, -2)) - at::matmul(mdots, ft.d)), f.Dg);
+      const Tensor dv = du * A;
+      g.dz0[l] += at::matmul(dv.transpose(-1, -2), h);
+      const Tensor ddots = -c.mask * at::matmul(dv, ft.d.transpose(-1, -2));
+      const Tensor dd_t = -at::matmul(mdots.transpose(-1, -2), dv);  // gradient of d~ = e~ d
+      g.det += channel_reduce(dd_t * d, f.Dg);
+      g.dd[l] += dd_t * c.et;
+      g.da[l] += at::matmul(ddots.transpose(-1, -2), h);
+      return at::matmul(dv, z0) + at::matmul(ddots, a);
+    }
+    // u = hA Z0^T - s d, hA = A h, s = mask (hA a~^T), a~ = e~ a
+    const Tensor ha = A * h;
+    const Tensor s = c.mask * at::matmul(ha, ft.a.transpose(-1, -2));
+    g.dz0[l] += at::matmul(du.transpose(-1, -2), ha);
+    const Tensor ds = -c.mask * at::matmul(du, d.transpose(-1, -2));
+    g.dd[l] -= at::matmul(s.transpose(-1, -2), du);
+    const Tensor dha = at::matmul(du, z0) + at::matmul(ds, ft.a);
+    const Tensor da_t = at::matmul(ds.transpose(-1, -2), ha);  // gradient of a~
+    g.det += channel_reduce(da_t * a, f.Dg);
+    g.da[l] += da_t * c.et;
+    g.dA += channel_reduce(dha * h, f.Dg);
+    return dha * A;
+  }
   if (f.side[l] == 0) {
     g.dA += channel_reduce(du * at::matmul(h, z0.transpose(-1, -2)), f.Dg);
     Tensor dh = at::matmul(du * A, z0);
@@ -71,6 +99,26 @@ Tensor linked_read_backward(const MemoryParams& p, const Forward& f, Acc& g, int
   const Coefficients& c = f.c;
   const int side = f.side[l];
   const Tensor dz = link_backward(p, f.rz[l], du.unsqueeze(-1) * h.unsqueeze(-2));
+  if (c.factored) {  // Z_t = A_t (Z_0 - sum_{i <= t} G~_i) (Eq. 5.12)
+    g.dA += gate_reduce(dz * f.ru[l], side, f.Dg);
+    const Tensor dU = gate_matrix(c.alpha.cum, side) * dz;
+    g.dz0[l] += dU.sum(1);
+    // Each G~_i enters every Z_t with t >= i: a reverse cumulative sum.
+    const Tensor r = -at::flip(at::cumsum(at::flip(dU, {1}), 1), {1});
+    const Factored ft = factored_terms(c, side, f.deltas[l], f.acts[l]);
+    const Tensor dft_d = at::matmul(r, ft.a.unsqueeze(-1)).squeeze(-1);
+    const Tensor dft_a = at::matmul(r.transpose(-1, -2), ft.d.unsqueeze(-1)).squeeze(-1);
+    if (side == 0) {
+      g.det += channel_reduce(dft_d * f.deltas[l], f.Dg);
+      g.dd[l] += dft_d * c.et;
+      g.da[l] += dft_a;
+    } else {
+      g.det += channel_reduce(dft_a * f.acts[l], f.Dg);
+      g.da[l] += dft_a * c.et;
+      g.dd[l] += dft_d;
+    }
+    return at::matmul(f.rw[l].transpose(-1, -2), du.unsqueeze(-1)).squeeze(-1);
+  }
   g.dz0[l] += (gate_matrix(c.alpha.cum, side) * dz).sum(1);
   g.dA += gate_reduce(dz * z0.unsqueeze(1), side, f.Dg);
   if (s0.defined()) {
@@ -103,7 +151,11 @@ ChunkGrads chunk_backward(const MemoryParams& p, const ChunkInputs& in, const Ch
   };
 
   Acc g;
-  g.dC = at::zeros_like(c.C);
+  if (c.factored) {
+    g.det = at::zeros_like(c.et);
+  } else {
+    g.dC = at::zeros_like(c.C);
+  }
   g.dA = at::zeros_like(c.alpha.cum);
   if (p.momentum()) {
     g.dP = at::zeros_like(c.P);
@@ -122,6 +174,32 @@ ChunkGrads chunk_backward(const MemoryParams& p, const ChunkInputs& in, const Ch
   for (int l = 0; l < L; ++l) {
     const int side = f.side[l];
     const Tensor gz = end_grad(grad_end.memory, l, start.memory[l]);
+    const Tensor gh = end_grad(grad_end.anchor, l, start.anchor[l]);
+    if (p.grad_at_retained) {
+      g.danchor[l] += gate_matrix(c.alpha.cum.select(1, n - 1), side) * gh;
+      g.dA.select(1, n - 1).add_(gate_reduce(gh * start.anchor[l], side, f.Dg));
+    } else {
+      g.danchor[l] += gh;
+    }
+    if (c.factored) {  // Z_n = A_n (Z_0 - d~^T a~) (Eq. 5.12)
+      const Factored ft = factored_terms(c, side, f.deltas[l], f.acts[l]);
+      const Tensor u = start.memory[l] - at::matmul(ft.d.transpose(-1, -2), ft.a);
+      g.dA.select(1, n - 1).add_(gate_reduce(gz * u, side, f.Dg));
+      const Tensor du = gate_matrix(c.alpha.cum.select(1, n - 1), side) * gz;
+      g.dz0[l] += du;
+      const Tensor dft_d = -at::matmul(ft.a, du.transpose(-1, -2));  // [G, n, out]
+      const Tensor dft_a = -at::matmul(ft.d, du);                     // [G, n, in]
+      if (side == 0) {
+        g.det += channel_reduce(dft_d * f.deltas[l], f.Dg);
+        g.dd[l] += dft_d * c.et;
+        g.da[l] += dft_a;
+      } else {
+        g.det += channel_reduce(dft_a * f.acts[l], f.Dg);
+        g.da[l] += dft_a * c.et;
+        g.dd[l] += dft_d;
+      }
+      continue;
+    }
     g.dz0[l] += gate_matrix(c.alpha.cum.select(1, n - 1), side) * gz;
     g.dA.select(1, n - 1).add_(gate_reduce(gz * start.memory[l], side, f.Dg));
     AccumulateGrads ag = accumulate_backward(-gz.unsqueeze(1), c.C.narrow(1, n - 1, 1), f.deltas[l], f.acts[l], side);
@@ -139,13 +217,6 @@ ChunkGrads chunk_backward(const MemoryParams& p, const ChunkInputs& in, const Ch
       g.dCS.narrow(1, n - 1, 1).add_(ag.Ct);
       g.dd[l] += ag.d;
       g.da[l] += ag.a;
-    }
-    const Tensor gh = end_grad(grad_end.anchor, l, start.anchor[l]);
-    if (p.grad_at_retained) {
-      g.danchor[l] += gate_matrix(c.alpha.cum.select(1, n - 1), side) * gh;
-      g.dA.select(1, n - 1).add_(gate_reduce(gh * start.anchor[l], side, f.Dg));
-    } else {
-      g.danchor[l] += gh;
     }
   }
 
@@ -211,7 +282,14 @@ ChunkGrads chunk_backward(const MemoryParams& p, const ChunkInputs& in, const Ch
   // Coefficients to gates (Eq. 9.5).
   const Tensor e_cols = c.e.unsqueeze(1);
   Tensor de, dDa;
-  if (p.momentum()) {
+  if (c.factored) {  // e~ = e / A, A = cumprod(alpha); alpha > 0 here
+    out.lr = g.det / c.alpha.cum;
+    if (in.alpha.defined()) {
+      const Tensor dA = g.dA - g.det * c.et / c.alpha.cum;
+      const Tensor alpha = in.alpha.dim() == 3 ? in.alpha : in.alpha.unsqueeze(-1);
+      out.alpha = at::flip(at::cumsum(at::flip(dA * c.alpha.cum, {1}), 1), {1}) / alpha;
+    }
+  } else if (p.momentum()) {
     const Tensor dCm = g.dC * e_cols;
     de = (g.dC * c.Cm).sum(1) + (g.dCS * c.mom.D).sum(1);
     // dD^alpha[t, j] = sum_i dCm[t, i] D^m[j, i] + dP[t] M[j]; dD^m[j, i] = sum_t D^alpha[t, j] dCm[t, i].
@@ -226,8 +304,10 @@ ChunkGrads chunk_backward(const MemoryParams& p, const ChunkInputs& in, const Ch
     de = (g.dC * c.alpha.D).sum(1);
     dDa = g.dC * e_cols;
   }
-  if (in.alpha.defined()) out.alpha = decay_backward(c.alpha, dDa, g.dA);
-  out.lr = de;
+  if (!c.factored) {
+    if (in.alpha.defined()) out.alpha = decay_backward(c.alpha, dDa, g.dA);
+    out.lr = de;
+  }
   // Gates given one per head come back in their own shape.
   const auto shaped = [](const Tensor& grad, const Tensor& gate) {
     return !grad.defined() || gate.dim() == 3 ? grad : grad.squeeze(-1);

@@ -12,6 +12,16 @@ Tensor dual_read(const Forward& f, int l, const Tensor& h, const Tensor& z0, con
   const Coefficients& c = f.c;
   const Tensor& d = f.deltas[l];
   const Tensor& a = f.acts[l];
+  if (c.factored) {  // Eq. 5.12
+    const Factored ft = factored_terms(c, f.side[l], d, a);
+    if (f.side[l] == 0) {
+      const Tensor dots = c.mask * at::matmul(h, a.transpose(-1, -2));
+      return c.alpha.cum * (at::matmul(h, z0.transpose(-1, -2)) - at::matmul(dots, ft.d));
+    }
+    const Tensor ha = c.alpha.cum * h;
+    const Tensor s = c.mask * at::matmul(ha, ft.a.transpose(-1, -2));
+    return at::matmul(ha, z0.transpose(-1, -2)) - at::matmul(s, d);
+  }
   if (f.side[l] == 0) {
     Tensor u = c.alpha.cum * at::matmul(h, z0.transpose(-1, -2));
     if (s0.defined()) u = u + c.P * at::matmul(h, s0.transpose(-1, -2));
@@ -25,9 +35,15 @@ Tensor dual_read(const Forward& f, int l, const Tensor& h, const Tensor& z0, con
   return u - at::matmul(s, d);
 }
 
-// Z_t of weight tensor l for every token of the run (Eqs. 5.8-5.9), [G, n, out, in].
-Tensor all_states(const Forward& f, int l, const Tensor& z0, const Tensor& s0) {
+// Z_t of weight tensor l for every token of the run (Eqs. 5.8-5.9, 5.12), [G, n, out, in]. Factored runs
+// also record Z_0 - sum_{i <= t} G~_i in f.ru.
+Tensor all_states(Forward& f, int l, const Tensor& z0, const Tensor& s0) {
   const Coefficients& c = f.c;
+  if (c.factored) {
+    const Factored ft = factored_terms(c, f.side[l], f.deltas[l], f.acts[l]);
+    f.ru.push_back(z0.unsqueeze(1) - at::cumsum(ft.d.unsqueeze(-1) * ft.a.unsqueeze(-2), 1));
+    return gate_matrix(c.alpha.cum, f.side[l]) * f.ru.back();
+  }
   Tensor z = gate_matrix(c.alpha.cum, f.side[l]) * z0.unsqueeze(1);
   if (s0.defined()) z = z + gate_matrix(c.P, f.side[l]) * s0.unsqueeze(1);
   return z - accumulate(c.C, f.deltas[l], f.acts[l], f.side[l]);
@@ -97,11 +113,16 @@ at::Tensor chunk_forward(const MemoryParams& p, const ChunkInputs& in, ChunkStat
   const Forward f = run_forward(p, in, state);
   const Coefficients& c = f.c;
   const int64_t n = in.k.size(1);
-  const Tensor last_c = c.C.narrow(1, n - 1, 1);
   const Tensor a_end = c.alpha.cum.select(1, n - 1);
   for (int l = 0; l < p.num_layers(); ++l) {
     const int side = f.side[l];
-    // End of the run (Eqs. 5.8-5.9, t = n).
+    // End of the run (Eqs. 5.8-5.9, 5.12 at t = n).
+    if (c.factored) {
+      const Factored ft = factored_terms(c, side, f.deltas[l], f.acts[l]);
+      state.memory[l] = gate_matrix(a_end, side) * (state.memory[l] - at::matmul(ft.d.transpose(-1, -2), ft.a));
+      if (p.grad_at_retained) state.anchor[l] = gate_matrix(a_end, side) * state.anchor[l];
+      continue;
+    }
     Tensor z = gate_matrix(a_end, side) * state.memory[l];
     if (p.momentum()) {
       const Tensor& s0 = state.momentum[l];
@@ -109,7 +130,7 @@ at::Tensor chunk_forward(const MemoryParams& p, const ChunkInputs& in, ChunkStat
       state.momentum[l] = gate_matrix(c.mom.cum.select(1, n - 1), side) * s0 -
                           accumulate(c.CS.narrow(1, n - 1, 1), f.deltas[l], f.acts[l], side).squeeze(1);
     }
-    state.memory[l] = z - accumulate(last_c, f.deltas[l], f.acts[l], side).squeeze(1);
+    state.memory[l] = z - accumulate(c.C.narrow(1, n - 1, 1), f.deltas[l], f.acts[l], side).squeeze(1);
     if (p.grad_at_retained) state.anchor[l] = gate_matrix(a_end, side) * state.anchor[l];
   }
   return f.o;

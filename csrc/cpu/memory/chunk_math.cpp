@@ -43,7 +43,21 @@ Tensor decay_backward(const Decay& d, const Tensor& dD, const Tensor& dcum) {
 Coefficients coefficients(const MemoryParams& p, const Tensor& lr, const Tensor& alpha, const Tensor& momentum) {
   Coefficients c;
   c.e = lr;
-  c.alpha = decay(alpha.defined() ? alpha : at::ones_like(lr));
+  const Tensor a = alpha.defined() ? alpha : at::ones_like(lr);
+  if (!p.momentum()) {
+    // 1 / A_t stays far from overflow, so the factored sums lose nothing to rounding (Eq. 5.12).
+    const Tensor cum = at::cumprod(a, 1);
+    const double floor = cum.scalar_type() == at::kDouble ? 1e-200 : 1e-20;
+    if (cum.min().item<double>() > floor) {
+      c.factored = true;
+      c.alpha.cum = cum;
+      c.et = lr / cum;
+      const int64_t n = lr.size(1);
+      c.mask = at::ones({n, n}, lr.options()).tril();
+      return c;
+    }
+  }
+  c.alpha = decay(a);
   const Tensor e_cols = lr.unsqueeze(1);  // e_i scales column i
   if (p.momentum()) {
     c.mom = decay(momentum);
@@ -92,6 +106,10 @@ AccumulateGrads accumulate_backward(const Tensor& grad, const Tensor& Ct, const 
   const Tensor de = at::matmul(d.unsqueeze(1), grad);  // [G, t, n, in]
   return {channel_reduce(de * a.unsqueeze(1), Dg), at::matmul(e, grad.transpose(-1, -2)).sum(1),
           (de * Ct).sum(1)};
+}
+
+Factored factored_terms(const Coefficients& c, int side, const Tensor& d, const Tensor& a) {
+  return side == 0 ? Factored{c.et * d, a} : Factored{d, c.et * a};
 }
 
 Tensor link(const MemoryParams& p, const Tensor& z) {

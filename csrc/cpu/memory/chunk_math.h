@@ -22,12 +22,19 @@ Decay decay(const Tensor& g);
 Tensor decay_backward(const Decay& d, const Tensor& dD, const Tensor& dcum);
 
 // Coefficients of one run: C and A (Eq. 5.8); with momentum also P, CS, Mc (Eq. 5.9).
+//
+// Without momentum C[t, i] = A_t e_i / A_i, so every sum over i <= t factors into A_t times a masked matrix
+// product of e~_i = e_i / A_i (Eq. 5.12): `factored` runs use that and never form the [n, n, Dg] tensors.
+// A run factors when the smallest A_t keeps 1 / A_t finite with room to spare; others use C.
 struct Coefficients {
   Tensor e;          // learning rate [G, n, Dg]
-  Decay alpha;       // D^alpha and A
+  Decay alpha;       // D^alpha and A (only A when factored)
   Decay mom;         // D^m and M (momentum only)
   Tensor Cm;         // D^alpha D^m (momentum only)
   Tensor C, P, CS;   // [G, n, n, Dg], [G, n, Dg], [G, n, n, Dg]
+  bool factored = false;
+  Tensor et;         // e~ = e / A [G, n, Dg] (factored only)
+  Tensor mask;       // [n, n] lower triangle with the diagonal (factored only)
 };
 Coefficients coefficients(const MemoryParams& p, const Tensor& lr, const Tensor& alpha, const Tensor& momentum);
 
@@ -47,6 +54,13 @@ struct AccumulateGrads {
 };
 AccumulateGrads accumulate_backward(const Tensor& grad, const Tensor& Ct, const Tensor& d, const Tensor& a,
                                     int side);
+
+// The factored gradients of a run (Eq. 5.12): G~_i = d~_i a~_i^T with e~ on the gated side, so that
+// Z_t = A_t (Z_0 - sum_{i <= t} G~_i).
+struct Factored {
+  Tensor d, a;  // [G, n, out], [G, n, in]
+};
+Factored factored_terms(const Coefficients& c, int side, const Tensor& d, const Tensor& a);
 
 // Retention link W = phi(Z) (Eqs. 3.1, 3.5-3.8) over the last two axes, and its vector-Jacobian product
 // (Eq. 9.3).
@@ -86,6 +100,7 @@ struct Forward {
   Tensor y, g;                            // anchor prediction and bias gradient
   std::vector<Tensor> rin, rpre;          // read pass: layer inputs and pre-activations
   std::vector<Tensor> rz, rw;             // materialised states and weights (nonlinear link only)
+  std::vector<Tensor> ru;                 // Z_0 - sum_{i <= t} G~_i of materialised factored runs
   Tensor o;
 };
 Forward run_forward(const MemoryParams& p, const ChunkInputs& in, const ChunkState& start);
