@@ -242,9 +242,8 @@ ChunkGrads chunk_backward(const MemoryParams& p, const ChunkInputs& in, const Ch
     dpre.push_back(at::zeros_like(f.pre[l]));
   }
   for (int l = 1; l < L; ++l) {  // deltas[l-1] = (deltas[l] W_l) s'(pre[l-1]) (Eq. 5.4)
-    const Tensor sp = activation_grad(p, f.pre[l - 1]);
-    const Tensor dw = g.dd[l - 1] * sp;
-    dpre[l - 1] += g.dd[l - 1] * at::matmul(f.deltas[l], f.wb[l]) * activation_grad2(p, f.pre[l - 1]);
+    const Tensor dw = g.dd[l - 1] * f.pre_grad[l - 1];
+    dpre[l - 1] += g.dd[l - 1] * f.back[l - 1] * activation_grad2(p, f.pre[l - 1]);
     g.dd[l] += at::matmul(dw, f.wb[l].transpose(-1, -2));
     dwb[l] += at::matmul(f.deltas[l].transpose(-1, -2), dw);
   }
@@ -270,7 +269,7 @@ ChunkGrads chunk_backward(const MemoryParams& p, const ChunkInputs& in, const Ch
     }
     dwb[l] += at::matmul(dul.transpose(-1, -2), f.acts[l]);
     g.da[l] += at::matmul(dul, f.wb[l]);
-    if (l > 0) dpre[l - 1] += g.da[l] * activation_grad(p, f.pre[l - 1]);
+    if (l > 0) dpre[l - 1] += g.da[l] * f.pre_grad[l - 1];
   }
   dk += g.da[0];
 

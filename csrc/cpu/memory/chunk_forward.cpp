@@ -73,10 +73,14 @@ Forward run_forward(const MemoryParams& p, const ChunkInputs& in, const ChunkSta
   f.y = residual ? in.k + layer_norm(f.pre.back()) : f.pre.back();
   f.g = bias_output_grad(p, f.y, in.v, in.delta);
   f.deltas.assign(L, Tensor());
+  f.pre_grad.assign(L - 1, Tensor());
+  f.back.assign(L - 1, Tensor());
   Tensor d = residual ? layer_norm_backward(f.pre.back(), f.g) : f.g;
   f.deltas[L - 1] = d;
-  for (int l = L - 1; l > 0; --l) {
-    d = at::matmul(d, f.wb[l]) * activation_grad(p, f.pre[l - 1]);  // Eq. 5.4
+  for (int l = L - 1; l > 0; --l) {  // Eq. 5.4
+    f.back[l - 1] = at::matmul(d, f.wb[l]);
+    f.pre_grad[l - 1] = activation_grad(p, f.pre[l - 1]);
+    d = f.back[l - 1] * f.pre_grad[l - 1];
     f.deltas[l - 1] = d;
   }
 

@@ -97,6 +97,7 @@ struct Forward {
   Tensor x;                               // scale * q
   std::vector<Tensor> wb;                 // anchor weights phi(anchor)
   std::vector<Tensor> acts, pre, deltas;  // anchor pass: layer inputs, pre-activations, Eq. 5.3-5.4 deltas
+  std::vector<Tensor> pre_grad, back;     // s'(pre[l]) and deltas[l + 1] W_{l+1}, for l < L - 1 (Eq. 5.4)
   Tensor y, g;                            // anchor prediction and bias gradient
   std::vector<Tensor> rin, rpre;          // read pass: layer inputs and pre-activations
   std::vector<Tensor> rz, rw;             // materialised states and weights (nonlinear link only)
