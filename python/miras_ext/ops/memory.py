@@ -167,6 +167,10 @@ def _setup_context(ctx, inputs, output):
     (q, k, v, lr, alpha, momentum, delta, memory, momentum_state, anchor, position, cu_seqlens, spec, scale,
      chunk_size, save_checkpoints) = inputs
     checkpoints = output[5]
+    # Checkpoints and positions carry no gradient; unused outputs must not be materialised as zeros (the
+    # checkpoints alone are O(T / chunk * state)).
+    ctx.mark_non_differentiable(output[4], *checkpoints)
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(q, k, v, lr, alpha, momentum, delta, position, cu_seqlens, *checkpoints)
     ctx.options = (spec, scale, chunk_size)
     ctx.layers = (len(memory), len(momentum_state))
