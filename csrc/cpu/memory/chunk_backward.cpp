@@ -14,6 +14,21 @@ struct Acc {
   std::vector<Tensor> dz0, ds0, danchor, dd, da;
 };
 
+// Gradients of the factored terms d~ = e~ d, a~ = a (rows) or d~ = d, a~ = e~ a (columns) of layer l
+// (Eq. 5.12), passed on to e~, the deltas and the layer inputs.
+void add_factored_grads(const Forward& f, Acc& g, int l, const Tensor& dft_d, const Tensor& dft_a) {
+  const Tensor& et = f.c.et;
+  if (f.side[l] == 0) {
+    g.det += channel_reduce(dft_d * f.deltas[l], f.Dg);
+    g.dd[l] += dft_d * et;
+    g.da[l] += dft_a;
+  } else {
+    g.det += channel_reduce(dft_a * f.acts[l], f.Dg);
+    g.da[l] += dft_a * et;
+    g.dd[l] += dft_d;
+  }
+}
+
 // Backward of the dual-form read of layer l (Eqs. 5.10, 9.2); returns the gradient of its input h.
 Tensor dual_read_backward(const Forward& f, Acc& g, int l, const Tensor& h, const Tensor& du, const Tensor& z0,
                           const Tensor& s0) {
@@ -29,10 +44,8 @@ Tensor dual_read_backward(const Forward& f, Acc& g, int l, const Tensor& h, cons
       const Tensor dv = du * A;
       g.dz0[l] += at::matmul(dv.transpose(-1, -2), h);
       const Tensor ddots = -c.mask * at::matmul(dv, ft.d.transpose(-1, -2));
-      const Tensor dd_t = -at::matmul(mdots.transpose(-1, -2), dv);  // gradient of d~ = e~ d
-      g.det += channel_reduce(dd_t * d, f.Dg);
-      g.dd[l] += dd_t * c.et;
-      g.da[l] += at::matmul(ddots.transpose(-1, -2), h);
+      add_factored_grads(f, g, l, -at::matmul(mdots.transpose(-1, -2), dv),
+                         at::matmul(ddots.transpose(-1, -2), h));
       return at::matmul(dv, z0) + at::matmul(ddots, a);
     }
     // u = hA Z0^T - s d, hA = A h, s = mask (hA a~^T), a~ = e~ a
@@ -40,11 +53,8 @@ Tensor dual_read_backward(const Forward& f, Acc& g, int l, const Tensor& h, cons
     const Tensor s = c.mask * at::matmul(ha, ft.a.transpose(-1, -2));
     g.dz0[l] += at::matmul(du.transpose(-1, -2), ha);
     const Tensor ds = -c.mask * at::matmul(du, d.transpose(-1, -2));
-    g.dd[l] -= at::matmul(s.transpose(-1, -2), du);
     const Tensor dha = at::matmul(du, z0) + at::matmul(ds, ft.a);
-    const Tensor da_t = at::matmul(ds.transpose(-1, -2), ha);  // gradient of a~
-    g.det += channel_reduce(da_t * a, f.Dg);
-    g.da[l] += da_t * c.et;
+    add_factored_grads(f, g, l, -at::matmul(s.transpose(-1, -2), du), at::matmul(ds.transpose(-1, -2), ha));
     g.dA += channel_reduce(dha * h, f.Dg);
     return dha * A;
   }
@@ -108,15 +118,7 @@ Tensor linked_read_backward(const MemoryParams& p, const Forward& f, Acc& g, int
     const Factored ft = factored_terms(c, side, f.deltas[l], f.acts[l]);
     const Tensor dft_d = at::matmul(r, ft.a.unsqueeze(-1)).squeeze(-1);
     const Tensor dft_a = at::matmul(r.transpose(-1, -2), ft.d.unsqueeze(-1)).squeeze(-1);
-    if (side == 0) {
-      g.det += channel_reduce(dft_d * f.deltas[l], f.Dg);
-      g.dd[l] += dft_d * c.et;
-      g.da[l] += dft_a;
-    } else {
-      g.det += channel_reduce(dft_a * f.acts[l], f.Dg);
-      g.da[l] += dft_a * c.et;
-      g.dd[l] += dft_d;
-    }
+    add_factored_grads(f, g, l, dft_d, dft_a);
     return at::matmul(f.rw[l].transpose(-1, -2), du.unsqueeze(-1)).squeeze(-1);
   }
   g.dz0[l] += (gate_matrix(c.alpha.cum, side) * dz).sum(1);
@@ -189,15 +191,7 @@ ChunkGrads chunk_backward(const MemoryParams& p, const ChunkInputs& in, const Ch
       g.dz0[l] += du;
       const Tensor dft_d = -at::matmul(ft.a, du.transpose(-1, -2));  // [G, n, out]
       const Tensor dft_a = -at::matmul(ft.d, du);                     // [G, n, in]
-      if (side == 0) {
-        g.det += channel_reduce(dft_d * f.deltas[l], f.Dg);
-        g.dd[l] += dft_d * c.et;
-        g.da[l] += dft_a;
-      } else {
-        g.det += channel_reduce(dft_a * f.acts[l], f.Dg);
-        g.da[l] += dft_a * c.et;
-        g.dd[l] += dft_d;
-      }
+      add_factored_grads(f, g, l, dft_d, dft_a);
       continue;
     }
     g.dz0[l] += gate_matrix(c.alpha.cum.select(1, n - 1), side) * gz;
