@@ -101,8 +101,10 @@ class MirasForCausalLM(nn.Module):
                 ends = cu_seqlens[1:-1].long() - 1  # the last token of a sequence predicts nothing
                 ends = ends[(ends >= 0) & (ends < target.shape[1])]
                 target[0, ends] = -100
-            loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), target.reshape(-1),
-                                   ignore_index=-100)
+            scores = logits[:, :-1].reshape(-1, logits.shape[-1])
+            if scores.dtype in (torch.float16, torch.bfloat16):
+                scores = scores.float()
+            loss = F.cross_entropy(scores, target.reshape(-1), ignore_index=-100)
         new_cache = Cache(new_layers, offset + input_ids.shape[1]) if use_cache else None
         return CausalLMOutput(logits, loss, new_cache)
 
