@@ -21,6 +21,7 @@ from .ops import (bias_grad, delta_forward, gated_delta_forward, linear_attentio
                   memora_forward, memory_forward, memory_step, moneta_forward, titans_forward, yaad_forward)
 from .spec import MemorySpec  # noqa: E402
 from .state import MemoryState  # noqa: E402
+from . import models  # noqa: E402  (language models: miras_ext.models)
 
 __all__ = ["MemorySpec", "MemoryState", "bias_grad", "build_info", "delta_forward", "gated_delta_forward",
            "linear_attention_forward", "memora_forward", "memory_forward", "memory_step", "moneta_forward",
