@@ -293,16 +293,33 @@ int64_t used_checkpoint_rows(const Problem& P) {
   return rows;
 }
 
+// Work items per task such that a task has enough work to pay for waking a thread: a decoding step
+// (T = 1) then runs on the calling thread, where two threads cost tens of milliseconds per call on a
+// loaded machine for microseconds of work.
+int64_t item_grain(const Problem& P, int64_t tokens_per_item) {
+  constexpr int64_t kMinWork = int64_t(1) << 22;  // state elements times tokens
+  int64_t state = 0;
+  for (const auto& s : P.shapes) {
+    int64_t n = 1;
+    for (int64_t d : s) n *= d;
+    state += n;
+  }
+  const int64_t work = std::max<int64_t>(1, tokens_per_item * state);
+  return std::max<int64_t>(1, (kMinWork + work - 1) / work);
+}
+
 // Calls f(item) for every work item, spread over ATen's thread pool.
 template <typename F>
 void for_each_item(const Problem& P, F&& f) {
   if (!P.varlen) {
     if (P.T == 0 || P.N * P.H == 0) return;
     const auto runs = segments(P.pos[0] % P.chunk, P.T, P.chunk, P.mp.lag_token);
-    at::parallel_for(0, P.N * P.H, 1, [&](int64_t begin, int64_t end) { f(padded_item(P, runs, begin, end)); });
+    at::parallel_for(0, P.N * P.H, item_grain(P, P.T),
+                     [&](int64_t begin, int64_t end) { f(padded_item(P, runs, begin, end)); });
   } else {
     const auto items = varlen_items(P);
-    at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t begin, int64_t end) {
+    const int64_t n = static_cast<int64_t>(items.size());
+    at::parallel_for(0, n, item_grain(P, n ? P.T / n : 1), [&](int64_t begin, int64_t end) {
       for (int64_t j = begin; j < end; ++j) f(items[j]);
     });
   }
