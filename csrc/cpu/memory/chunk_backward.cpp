@@ -38,9 +38,9 @@ Tensor dual_read_backward(const Forward& f, Acc& g, int l, const Tensor& h, cons
   const Tensor& A = c.alpha.cum;
   if (c.factored) {  // Eq. 5.12
     const Factored ft = factored_terms(c, f.side[l], d, a);
-    if (f.side[l] == 0) {  // u = A (h Z0^T - (mask dots) d~)
-      const Tensor mdots = c.mask * at::matmul(h, a.transpose(-1, -2));
-      g.dA += channel_reduce(du * (at::matmul(h, z0.transpose(-1, -2)) - at::matmul(mdots, ft.d)), f.Dg);
+    if (f.side[l] == 0) {  // u = A v, v = h Z0^T - (mask dots) d~
+      const Tensor& mdots = f.rdots[l];
+      g.dA += channel_reduce(du * f.rv[l], f.Dg);
       const Tensor dv = du * A;
       g.dz0[l] += at::matmul(dv.transpose(-1, -2), h);
       const Tensor ddots = -c.mask * at::matmul(dv, ft.d.transpose(-1, -2));
@@ -50,7 +50,7 @@ Tensor dual_read_backward(const Forward& f, Acc& g, int l, const Tensor& h, cons
     }
     // u = hA Z0^T - s d, hA = A h, s = mask (hA a~^T), a~ = e~ a
     const Tensor ha = A * h;
-    const Tensor s = c.mask * at::matmul(ha, ft.a.transpose(-1, -2));
+    const Tensor& s = f.rdots[l];
     g.dz0[l] += at::matmul(du.transpose(-1, -2), ha);
     const Tensor ds = -c.mask * at::matmul(du, d.transpose(-1, -2));
     const Tensor dha = at::matmul(du, z0) + at::matmul(ds, ft.a);

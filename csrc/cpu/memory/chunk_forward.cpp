@@ -7,20 +7,22 @@ namespace {
 
 Tensor as_channels(const Tensor& g) { return !g.defined() || g.dim() == 3 ? g : g.unsqueeze(-1); }
 
-// The dual-form read of weight tensor l at inputs h (Eq. 5.10), never forming W_t.
-Tensor dual_read(const Forward& f, int l, const Tensor& h, const Tensor& z0, const Tensor& s0) {
+// The dual-form read of weight tensor l at inputs h (Eq. 5.10), never forming W_t. Factored runs keep the
+// products their backward needs in f.rdots / f.rv.
+Tensor dual_read(Forward& f, int l, const Tensor& h, const Tensor& z0, const Tensor& s0) {
   const Coefficients& c = f.c;
   const Tensor& d = f.deltas[l];
   const Tensor& a = f.acts[l];
   if (c.factored) {  // Eq. 5.12
     const Factored ft = factored_terms(c, f.side[l], d, a);
     if (f.side[l] == 0) {
-      const Tensor dots = c.mask * at::matmul(h, a.transpose(-1, -2));
-      return c.alpha.cum * (at::matmul(h, z0.transpose(-1, -2)) - at::matmul(dots, ft.d));
+      f.rdots[l] = c.mask * at::matmul(h, a.transpose(-1, -2));
+      f.rv[l] = at::matmul(h, z0.transpose(-1, -2)) - at::matmul(f.rdots[l], ft.d);
+      return c.alpha.cum * f.rv[l];
     }
     const Tensor ha = c.alpha.cum * h;
-    const Tensor s = c.mask * at::matmul(ha, ft.a.transpose(-1, -2));
-    return at::matmul(ha, z0.transpose(-1, -2)) - at::matmul(s, d);
+    f.rdots[l] = c.mask * at::matmul(ha, ft.a.transpose(-1, -2));
+    return at::matmul(ha, z0.transpose(-1, -2)) - at::matmul(f.rdots[l], d);
   }
   if (f.side[l] == 0) {
     Tensor u = c.alpha.cum * at::matmul(h, z0.transpose(-1, -2));
@@ -86,6 +88,8 @@ Forward run_forward(const MemoryParams& p, const ChunkInputs& in, const ChunkSta
 
   // The read (Eq. 4.3): dual form for W = Z, materialised states under a nonlinear link (Eq. 5.11).
   f.x = in.q * p.scale;
+  f.rdots.assign(L, Tensor());
+  f.rv.assign(L, Tensor());
   h = f.x;
   for (int l = 0; l < L; ++l) {
     f.rin.push_back(h);

@@ -100,6 +100,7 @@ struct Forward {
   std::vector<Tensor> pre_grad, back;     // s'(pre[l]) and deltas[l + 1] W_{l+1}, for l < L - 1 (Eq. 5.4)
   Tensor y, g;                            // anchor prediction and bias gradient
   std::vector<Tensor> rin, rpre;          // read pass: layer inputs and pre-activations
+  std::vector<Tensor> rdots, rv;          // factored dual reads: masked n x n products, and rows' u / A
   std::vector<Tensor> rz, rw;             // materialised states and weights (nonlinear link only)
   std::vector<Tensor> ru;                 // Z_0 - sum_{i <= t} G~_i of materialised factored runs
   Tensor o;
