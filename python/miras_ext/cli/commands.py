@@ -1,0 +1,304 @@
+"""Argument parsing and the five subcommands of `miras`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+from ..models import PRESETS, SIZES
+from ..tasks import HAYSTACKS, NEEDLES, TASKS, DataError
+
+DEFAULT_LEN = dict(mqar=64, sniah=256, lm=256)
+COMPARE_PRESETS = ["moneta", "yaad", "memora", "transformer", "gated-deltanet", "titans"]
+
+
+class CLIError(Exception):
+    """Ends the command with a one-line message and exit status 2."""
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, no usage block
+        raise CLIError(f"{self.prog}: {message} (see {self.prog} --help)")
+
+
+def _kv(text: str):
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    k, v = text.split("=", 1)
+    try:
+        v = json.loads(v)
+    except json.JSONDecodeError:
+        pass
+    return k, v
+
+
+def _task_args(p, compare: bool = False):
+    g = p.add_argument_group("task")
+    g.add_argument("--task", choices=TASKS, default="mqar",
+                   help="mqar: multi-query associative recall; sniah: needle in a haystack; lm: text (default mqar)")
+    g.add_argument("--seq-len", type=int, default=None,
+                   help="tokens per sequence (default: mqar 64, sniah 256, lm 256)")
+    g.add_argument("--pairs", type=int, default=8, help="mqar: key-value pairs per sequence (default 8)")
+    g.add_argument("--mqar-vocab", type=int, default=128, metavar="N",
+                   help="mqar: keys and values are each drawn from N symbols (default 128; chance is 1/N)")
+    g.add_argument("--needles", nargs="+", choices=NEEDLES, default=list(NEEDLES),
+                   help="sniah: needle kinds, mixed in training and scored separately (default all)")
+    g.add_argument("--haystack", choices=HAYSTACKS, default="noise", help="sniah: haystack (default noise)")
+    g.add_argument("--data", nargs="+", metavar="PATH",
+                   help="lm: text files or folders (default: this Python's standard-library sources)")
+    g.add_argument("--hf-dataset", metavar="NAME[:CONFIG]",
+                   help="lm: a Hugging Face dataset (needs the `datasets` package and the network)")
+    g.add_argument("--tokenizer", default="bytes",
+                   help="lm: 'bytes' (256 byte tokens + BOS, PAD) or a transformers tokenizer name")
+    g.add_argument("--max-bytes", type=int, default=4_000_000, help="lm: characters of text to read (default 4M)")
+
+
+def _train_args(p, steps: int, compare: bool = False):
+    if not compare:
+        g = p.add_argument_group("model")
+        g.add_argument("--preset", choices=PRESETS, default="moneta", help="model (default moneta)")
+    else:
+        g = p.add_argument_group("models")
+        g.add_argument("--presets", nargs="+", choices=PRESETS, default=COMPARE_PRESETS, metavar="PRESET",
+                       help=f"models to compare (default {' '.join(COMPARE_PRESETS)}); any of {', '.join(PRESETS)}")
+    g.add_argument("--size", choices=tuple(SIZES), default="tiny", help="model size (default tiny)")
+    g.add_argument("--set", type=_kv, action="append", default=[], metavar="FIELD=VALUE", dest="overrides",
+                   help="override a MirasConfig field, e.g. --set chunk_size=16 --set dim=128 (repeatable)")
+    if not compare:
+        g.add_argument("--match-params", type=int, default=None, metavar="N",
+                       help="widen/narrow the SwiGLU so the model has about N parameters")
+    o = p.add_argument_group("optimisation")
+    o.add_argument("--steps", type=int, default=steps, help=f"optimizer steps (default {steps})")
+    o.add_argument("--batch-size", type=int, default=32, help="sequences per step, all processes (default 32)")
+    o.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step (default 1)")
+    o.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (default 3e-3)")
+    o.add_argument("--warmup", type=int, default=None, help="warmup steps (default 10%% of --steps)")
+    o.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay (default 0.1)")
+    o.add_argument("--clip", type=float, default=1.0, help="gradient-norm clipping (default 1.0)")
+    o.add_argument("--seed", type=int, default=0, help="seed of the weights and the data (default 0)")
+    r = p.add_argument_group("run")
+    r.add_argument("--eval-every", type=int, default=100, help="evaluate every N steps (default 100; 0: at the end)")
+    r.add_argument("--eval-batches", type=int, default=8, help="validation batches per evaluation (default 8)")
+    if not compare:
+        r.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (default: at the end)")
+        r.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+        r.add_argument("--stop-at", type=int, default=None, metavar="STEP",
+                       help="stop at STEP and save, as if interrupted (resume later with --resume)")
+        r.add_argument("--fsdp", action="store_true", help="under torchrun: FSDP2 (fully_shard) instead of DDP")
+    r.add_argument("--log-every", type=int, default=10, help="progress line every N steps when not a terminal")
+    r.add_argument("--out", default=None, help="run folder (default runs/<preset>-<task> or runs/compare-<task>)")
+    r.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1 ...")
+    r.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    r.add_argument("--no-plot", action="store_true", help="write no PNG")
+    r.add_argument("--quiet", action="store_true", help="print only the summary")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = Parser(prog="miras", description="Train, evaluate, sample from and compare Miras models "
+               "(Moneta, Yaad, Memora) and their baselines.", formatter_class=argparse.RawDescriptionHelpFormatter,
+               epilog="Run `miras COMMAND --help` for the options of a command.")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
+
+    t = sub.add_parser("train", help="train a model on a task (default: tiny Moneta on MQAR)",
+                       description="Train a model. With no arguments: a tiny Moneta on MQAR (8 key-value pairs, "
+                       "64 tokens) for a few minutes on a CPU; prints the recall accuracy before and after. Writes "
+                       "OUT/checkpoint/ (model.safetensors, config.json, trainer.pt), OUT/metrics.jsonl and "
+                       "OUT/loss.png. Under torchrun the same command trains with DistributedDataParallel.")
+    _train_args(t, 300)
+    _task_args(t)
+
+    e = sub.add_parser("eval", help="evaluate a checkpoint on its task, at several lengths",
+                       description="Evaluate a checkpoint (a run folder or its checkpoint/) on the task it was "
+                       "trained on: validation loss and accuracy on the answers, at each --lengths.")
+    e.add_argument("checkpoint", help="run folder or checkpoint folder")
+    e.add_argument("--lengths", nargs="+", type=int, help="sequence lengths (default: the training length)")
+    e.add_argument("--pairs", type=int, help="mqar: key-value pairs (default: as trained)")
+    e.add_argument("--batches", type=int, default=8, help="validation batches (default 8)")
+    e.add_argument("--batch-size", type=int, default=32)
+    e.add_argument("--device", default="auto")
+    e.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+
+    g = sub.add_parser("generate", help="sample text from a checkpoint",
+                       description="Sample a continuation of --prompt from a checkpoint (byte-level unless the run "
+                       "used a tokenizer).")
+    g.add_argument("checkpoint", help="run folder or checkpoint folder")
+    g.add_argument("--prompt", default="def ", help="text to continue (default 'def ')")
+    g.add_argument("--max-new-tokens", type=int, default=200)
+    g.add_argument("--temperature", type=float, default=0.8)
+    g.add_argument("--top-k", type=int, default=None)
+    g.add_argument("--top-p", type=float, default=None)
+    g.add_argument("--greedy", action="store_true", help="argmax decoding")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--device", default="auto")
+
+    c = sub.add_parser("compare", help="train a grid of presets on a task; table and plot",
+                       description="Train each --presets at the tiny size (same tokens; the SwiGLU width adjusted "
+                       "so every model has about the parameters of the largest) for each --lengths (and, for mqar, "
+                       "each --pairs-grid), evaluate, print a table and write OUT/compare.json and OUT/compare.png.")
+    _train_args(c, 200, compare=True)
+    _task_args(c, compare=True)
+    c.add_argument("--lengths", nargs="+", type=int, help="training/eval lengths (default: --seq-len)")
+    c.add_argument("--pairs-grid", nargs="+", type=int, help="mqar: numbers of pairs (default: --pairs)")
+    c.add_argument("--no-match-params", action="store_true", help="keep each preset's own parameter count")
+
+    b = sub.add_parser("bench", help="run bench/ops.py (memory op) or bench/decode.py (decode speed)",
+                       description="Run a benchmark script of the repository, passing the remaining arguments: "
+                       "`miras bench ops --quick`, `miras bench decode --contexts 1024 4096`.")
+    b.add_argument("which", choices=("ops", "decode"))
+    b.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for the script")
+    return p
+
+
+def _train_args_from(ns, preset_name: str, out: str, **extra):
+    from .trainer import TrainArgs
+    seq_len = ns.seq_len or DEFAULT_LEN[ns.task]
+    warmup = ns.warmup if ns.warmup is not None else max(1, ns.steps // 10)
+    kw = dict(preset=preset_name, size=ns.size, overrides=dict(ns.overrides), task=ns.task, pairs=ns.pairs, mqar_vocab=ns.mqar_vocab,
+              seq_len=seq_len, needles=list(ns.needles), haystack=ns.haystack, data=ns.data,
+              hf_dataset=ns.hf_dataset, tokenizer=ns.tokenizer, max_bytes=ns.max_bytes, steps=ns.steps,
+              batch_size=ns.batch_size, grad_accum=ns.grad_accum, lr=ns.lr, warmup=warmup,
+              weight_decay=ns.weight_decay, clip=ns.clip, seed=ns.seed, eval_every=ns.eval_every,
+              eval_batches=ns.eval_batches, log_every=ns.log_every, out=out, device=ns.device,
+              threads=ns.threads, plot=not ns.no_plot, quiet=ns.quiet)
+    for name in ("save_every", "resume", "stop_at", "fsdp", "match_params"):
+        if hasattr(ns, name):
+            kw[name] = getattr(ns, name)
+    kw.update(extra)
+    known = {f.name for f in fields(TrainArgs)}
+    return TrainArgs(**{k: v for k, v in kw.items() if k in known})
+
+
+def _check_paths(ns):
+    for p in ns.data or []:
+        if not Path(p).exists():
+            raise CLIError(f"miras {ns.command}: --data {p}: no such file or folder")
+
+
+def cmd_train(ns) -> int:
+    from .trainer import Trainer
+    _check_paths(ns)
+    a = _train_args_from(ns, ns.preset, ns.out or f"runs/{ns.preset}-{ns.task}")
+    tr = Trainer(a)
+    res = tr.run()
+    if tr.rank == 0:
+        print(summary(tr, res))
+    return 0
+
+
+def summary(tr, res) -> str:
+    from .trainer import chance
+    a, first, last = tr.a, res["first"], res["last"]
+    what = {"mqar": "recall accuracy on the queried values", "sniah": "needle retrieval (whole answer right)",
+            "lm": "next-token accuracy"}[a.task]
+    lines = [f"trained {a.preset} ({res['parameters']:,} parameters) for {res['step']} steps, "
+             f"{res['tokens']:,} tokens, {res['elapsed']:.0f} s of training"]
+    if first is not None and last is not None:
+        extra = f" ({chance(tr.task)})" if chance(tr.task) else ""
+        lines.append(f"{what}: {first['accuracy']:.1%} before -> {last['accuracy']:.1%} after{extra}")
+        lines.append(f"validation loss: {first['loss']:.3f} -> {last['loss']:.3f}")
+        for k in sorted(last):
+            if k.startswith("accuracy/"):
+                lines.append(f"  {k[9:]}: {first[k]:.1%} -> {last[k]:.1%}")
+    elif last is not None:
+        lines.append(f"{what}: {last['accuracy']:.1%}; validation loss {last['loss']:.3f}")
+    lines.append(f"checkpoint: {tr.out / 'checkpoint'}  metrics: {tr.out / 'metrics.jsonl'}"
+                 + (f"  plot: {tr.out / 'loss.png'}" if a.plot else ""))
+    return "\n".join(lines)
+
+
+def _task_from_meta(meta: dict, seq_len=None, pairs=None):
+    from ..tasks import MQAR, SNIAH, TextLM
+    t = dict(meta["task"])
+    tr = meta["train"]
+    if t["task"] == "mqar":
+        return MQAR(pairs or t["pairs"], seq_len or t["seq_len"], t["seed"], t.get("n_keys", 128), t.get("n_values", 128))
+    if t["task"] == "sniah":
+        return SNIAH(seq_len or t["seq_len"], tuple(t["needles"]), t["haystack"], t["seed"])
+    return TextLM(seq_len or t["seq_len"], tr.get("data"), tr.get("hf_dataset"), tr.get("tokenizer", "bytes"),
+                  tr.get("max_bytes", 4_000_000), t["seed"])
+
+
+def cmd_eval(ns) -> int:
+    import torch
+    from .trainer import evaluate, fmt, load_model, pick_device
+    device = pick_device(ns.device)
+    model, meta = load_model(ns.checkpoint, device)
+    results = {}
+    for length in ns.lengths or [meta["task"]["seq_len"]]:
+        task = _task_from_meta(meta, length, ns.pairs)
+        torch.manual_seed(0)
+        ev = evaluate(model, task, ns.batches, ns.batch_size, device)
+        results[length] = ev
+        print(f"{meta['preset']} {meta['task']['task']} seq_len {length}: " + fmt(ev))
+    if ns.json:
+        Path(ns.json).write_text(json.dumps(dict(checkpoint=str(ns.checkpoint), results=results), indent=1) + "\n")
+    return 0
+
+
+def cmd_generate(ns) -> int:
+    import torch
+    from ..tasks import Tokenizer
+    from .trainer import load_model, pick_device
+    device = pick_device(ns.device)
+    model, meta = load_model(ns.checkpoint, device)
+    tok = Tokenizer(meta["train"].get("tokenizer", "bytes"))
+    ids = tok.encode(ns.prompt)
+    if not ids:
+        raise CLIError("miras generate: --prompt is empty")
+    g = torch.Generator(device=device).manual_seed(ns.seed)
+    out = model.eval().generate(torch.tensor([ids], device=device), ns.max_new_tokens, ns.temperature, ns.top_k,
+                                ns.top_p, ns.greedy, g)
+    print(tok.decode(out[0].tolist()))
+    return 0
+
+
+def cmd_compare(ns) -> int:
+    from .compare import run_compare
+    _check_paths(ns)
+    return run_compare(ns)
+
+
+def _repo_root() -> Path | None:
+    for base in (os.environ.get("MIRAS_ROOT"), os.getcwd(), *Path(__file__).resolve().parents):
+        if base and (Path(base) / "bench" / "ops.py").exists():
+            return Path(base)
+    return None
+
+
+def cmd_bench(ns) -> int:
+    root = _repo_root()
+    if root is None:
+        raise CLIError("miras bench: bench/ not found; run from the repository root or set MIRAS_ROOT")
+    script = root / "bench" / f"{ns.which}.py"
+    return subprocess.call([sys.executable, str(script), *ns.rest])
+
+
+COMMANDS = dict(train=cmd_train, eval=cmd_eval, generate=cmd_generate, compare=cmd_compare, bench=cmd_bench)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .trainer import UsageError
+    parser = build_parser()
+    try:
+        ns = parser.parse_args(argv)
+        if ns.command is None:
+            parser.print_help()
+            return 0
+        if getattr(ns, "seq_len", None) is not None and ns.seq_len < 2:
+            raise CLIError(f"miras {ns.command}: --seq-len must be >= 2, got {ns.seq_len}")
+        return COMMANDS[ns.command](ns)
+    except CLIError as e:
+        print(e, file=sys.stderr)
+        return 2
+    except (UsageError, DataError, ValueError, FileNotFoundError) as e:
+        cmd = f"miras {ns.command}" if "ns" in locals() and getattr(ns, "command", None) else "miras"
+        print(f"{cmd}: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("miras: interrupted", file=sys.stderr)
+        return 130

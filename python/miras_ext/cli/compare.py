@@ -1,0 +1,83 @@
+"""`miras compare`: the same task, tokens and (about) parameter count for a grid of presets."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from .trainer import Trainer, count, make_config, make_task
+
+
+def run_compare(ns) -> int:
+    from .commands import DEFAULT_LEN, _train_args_from
+    out = Path(ns.out or f"runs/compare-{ns.task}")
+    out.mkdir(parents=True, exist_ok=True)
+    lengths = ns.lengths or [ns.seq_len or DEFAULT_LEN[ns.task]]
+    pairs_grid = (ns.pairs_grid or [ns.pairs]) if ns.task == "mqar" else [None]
+    cells = [(L, P) for L in lengths for P in pairs_grid]
+    # Validate every cell before training anything (e.g. a length below 4 x pairs).
+    for L, P in cells:
+        make_task(_train_args_from(ns, ns.presets[0], str(out), seq_len=L, **({"pairs": P} if P else {})))
+    target = None
+    if not ns.no_match_params:
+        probe = _train_args_from(ns, ns.presets[0], str(out), seq_len=max(lengths))
+        vocab = make_task(probe).vocab_size
+        target = max(count(make_config(_train_args_from(ns, p, str(out), seq_len=max(lengths)), vocab))
+                     for p in ns.presets)
+    rows = []
+    for name in ns.presets:
+        for L, P in cells:
+            tag = f"{name}-L{L}" + (f"-P{P}" if P else "")
+            a = _train_args_from(ns, name, str(out / tag), seq_len=L, match_params=target,
+                                 **({"pairs": P} if P else {}))
+            a.quiet = True
+            t0 = time.time()
+            tr = Trainer(a)
+            res = tr.run()
+            ev = res["last"]
+            row = dict(preset=name, seq_len=L, pairs=P, parameters=res["parameters"], tokens=res["tokens"],
+                       seconds=round(time.time() - t0, 1), **ev)
+            rows.append(row)
+            print(f"  {tag:<28} params {row['parameters']:>8,}  loss {ev['loss']:.3f}  accuracy {ev['accuracy']:.1%}"
+                  + "".join(f"  {k[9:]} {v:.0%}" for k, v in ev.items() if k.startswith("accuracy/"))
+                  + f"  ({row['seconds']:.0f} s)", flush=True)
+    (out / "compare.json").write_text(json.dumps(dict(task=ns.task, steps=ns.steps, batch_size=ns.batch_size,
+                                                      rows=rows), indent=1) + "\n")
+    print()
+    print(table(rows, ns.task))
+    if not ns.no_plot:
+        from .plots import accuracy_vs_length
+        series = {}
+        for r in rows:
+            key = r["preset"] + (f" ({r['pairs']} pairs)" if r["pairs"] and len(pairs_grid) > 1 else "")
+            series.setdefault(key, {})[r["seq_len"]] = r["loss"] if ns.task == "lm" else r["accuracy"]
+        accuracy_vs_length(series, out / "compare.png", f"{ns.task}, {ns.steps} steps x {ns.batch_size}",
+                           "validation loss" if ns.task == "lm" else "accuracy")
+        print(f"\nplot: {out / 'compare.png'}  table: {out / 'compare.json'}")
+    return 0
+
+
+def table(rows: list[dict], task: str) -> str:
+    """A Markdown table: one row per preset, one column per (length, pairs) cell (and needle for sniah)."""
+    metric = "loss" if task == "lm" else "accuracy"
+    cols = []
+    for r in rows:
+        keys = [k for k in r if k.startswith("accuracy/")] if task == "sniah" else [metric]
+        for k in keys:
+            c = (r["seq_len"], r["pairs"], k)
+            if c not in cols:
+                cols.append(c)
+    head = ["preset", "params"] + [f"T={L}" + (f" N={P}" if P else "") + (f" {k[9:]}" if "/" in k else "")
+                                   for L, P, k in cols]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    presets = list(dict.fromkeys(r["preset"] for r in rows))
+    for p in presets:
+        mine = {(r["seq_len"], r["pairs"]): r for r in rows if r["preset"] == p}
+        cells = []
+        for L, P, k in cols:
+            v = mine.get((L, P), {}).get(k)
+            cells.append("-" if v is None else (f"{v:.3f}" if k == "loss" else f"{v:.1%}"))
+        params = next(r["parameters"] for r in rows if r["preset"] == p)
+        lines.append("| " + " | ".join([p, f"{params:,}"] + cells) + " |")
+    return "\n".join(lines)
