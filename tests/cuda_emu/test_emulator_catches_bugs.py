@@ -27,6 +27,7 @@ def max_err(out):
 def test_correct_kernels_pass_in_every_order(emu_bins, schedule):
     assert max_err(result(emu_bins, "matmul_ok", schedule)) < 1e-5
     assert max_err(result(emu_bins, "stencil_ok", schedule)) == 0
+    assert max_err(result(emu_bins, "dyn_template", schedule)) == 0
 
 
 @pytest.mark.parametrize("variant", ["matmul_no_sync_after_load", "matmul_no_sync_after_use"])

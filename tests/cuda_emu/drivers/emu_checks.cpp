@@ -3,12 +3,14 @@
 //   matmul_ok | matmul_no_sync_after_load | matmul_no_sync_after_use   tiled 48x48x48 matmul, max error
 //   stencil_ok | stencil_no_sync                                      out[i] = x[i] - x[i-1] through static shared
 //   stencil_dyn_no_sync                                               the same through dynamic shared (NaN poison)
+//   dyn_template                                                      a namespaced kernel template with dynamic shared
 //   divergent_barrier | barrier_vs_shuffle | exited_lane | bad_mask   misuse that must be reported, not hang
 //   spin_wait                                                         a flag spin-wait with __nanosleep
 //   atomics                                                           a histogram with atomicAdd over many blocks
 #include "emu/cuda_emu.h"
 
 EMU_DYNAMIC_SHARED(float, dyn_smem);
+namespace miras::cuda { EMU_DYNAMIC_SHARED(unsigned char, smem); }
 
 #include <cmath>
 #include <string>
@@ -50,6 +52,18 @@ __global__ void stencil_dyn(const float* x, float* out) {
   dyn_smem[t] = x[i];
   out[i] = t > 0 ? dyn_smem[t] - dyn_smem[t - 1] : dyn_smem[t];
 }
+
+namespace miras::cuda {
+// The layout the chunk kernels will use: a kernel template in a namespace, one byte array cast to T.
+template <typename T>
+__global__ void reverse_through_dyn_shared(const T* x, T* out) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  T* s = reinterpret_cast<T*>(smem);
+  s[threadIdx.x] = x[blockIdx.x * blockDim.x + threadIdx.x];
+  __syncthreads();
+  out[blockIdx.x * blockDim.x + threadIdx.x] = s[blockDim.x - 1 - threadIdx.x];
+}
+}  // namespace miras::cuda
 
 __global__ void divergent_barrier(float* out) {
   if (threadIdx.x < 32) {
@@ -158,6 +172,13 @@ int main(int argc, char** argv) {
       else if (mode == "stencil_no_sync") emu::launch(cfg(blocks, block), &stencil<false>, x.data(), o.data(), block * blocks);
       else emu::launch(cfg(blocks, block, block * sizeof(float)), &stencil_dyn, x.data(), o.data());
       std::printf("result: max_err=%g\n", stencil_error(x, o, block));
+    } else if (mode == "dyn_template") {
+      const auto x = random_vec(3 * 96, 5);
+      std::vector<double> xd(x.begin(), x.end()), o(x.size(), NAN);
+      emu::launch(cfg(3, 96, 96 * sizeof(double)), &miras::cuda::reverse_through_dyn_shared<double>, xd.data(), o.data());
+      double err = 0;
+      for (int i = 0; i < 3 * 96; ++i) err = std::max(err, std::abs(o[i] - xd[(i / 96) * 96 + 95 - i % 96]));
+      std::printf("result: max_err=%g\n", std::isnan(err) ? INFINITY : err);
     } else if (mode == "divergent_barrier") emu::launch(cfg(1, 64), &divergent_barrier, out.data());
     else if (mode == "barrier_vs_shuffle") emu::launch(cfg(1, 64), &barrier_vs_shuffle, out.data());
     else if (mode == "exited_lane") emu::launch(cfg(1, 32), &exited_lane, out.data());

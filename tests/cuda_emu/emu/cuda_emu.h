@@ -56,7 +56,9 @@
 // that encloses the kernel, before the kernel header, once per program:
 //   namespace miras::cuda { EMU_DYNAMIC_SHARED(unsigned char, smem); }
 // Every block starts with it filled with 0xFF bytes (NaN for float, double, __half and __nv_bfloat16).
+// (The initializer is dynamic on purpose: g++ 12 then emits the TLS init function that the block-scope
+// `extern __shared__` declaration of a kernel template calls; with a constant one it calls a null pointer.)
 #define EMU_DYNAMIC_SHARED(TYPE, NAME)                                                                  \
-  alignas(128) thread_local TYPE NAME[EMU_MAX_DYNAMIC_SHARED / sizeof(TYPE)];                           \
+  alignas(128) thread_local TYPE NAME[EMU_MAX_DYNAMIC_SHARED / sizeof(TYPE)] = {::emu::detail::dyn_init<TYPE>()}; \
   static ::emu::detail::DynSharedRegistrar emu_dyn_shared_registrar_##NAME{                              \
       []() -> void* { return static_cast<void*>(NAME); }, sizeof(TYPE) * (EMU_MAX_DYNAMIC_SHARED / sizeof(TYPE))}

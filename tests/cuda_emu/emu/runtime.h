@@ -142,6 +142,10 @@ inline std::vector<DynShared>& dyn_shared_registry() {
   static std::vector<DynShared> r;
   return r;
 }
+template <typename T>
+[[gnu::noinline]] T dyn_init() {
+  return T{};
+}
 struct DynSharedRegistrar {
   DynSharedRegistrar(void* (*address)(), std::size_t bytes) { dyn_shared_registry().push_back({address, bytes}); }
 };
