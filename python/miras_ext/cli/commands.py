@@ -13,7 +13,8 @@ from pathlib import Path
 from ..models import PRESETS, SIZES
 from ..tasks import HAYSTACKS, NEEDLES, TASKS, DataError
 
-DEFAULT_LEN = dict(mqar=64, sniah=256, lm=256)
+DEFAULT_LEN = dict(mqar=32, sniah=256, lm=256)
+DEFAULT_LR = dict(mqar=1e-2, sniah=1e-2, lm=3e-3)
 COMPARE_PRESETS = ["moneta", "yaad", "memora", "transformer", "gated-deltanet", "titans"]
 
 
@@ -42,10 +43,10 @@ def _task_args(p, compare: bool = False):
     g.add_argument("--task", choices=TASKS, default="mqar",
                    help="mqar: multi-query associative recall; sniah: needle in a haystack; lm: text (default mqar)")
     g.add_argument("--seq-len", type=int, default=None,
-                   help="tokens per sequence (default: mqar 64, sniah 256, lm 256)")
-    g.add_argument("--pairs", type=int, default=8, help="mqar: key-value pairs per sequence (default 8)")
-    g.add_argument("--mqar-vocab", type=int, default=128, metavar="N",
-                   help="mqar: keys and values are each drawn from N symbols (default 128; chance is 1/N)")
+                   help="tokens per sequence (default: mqar 32, sniah 256, lm 256)")
+    g.add_argument("--pairs", type=int, default=4, help="mqar: key-value pairs per sequence (default 4)")
+    g.add_argument("--mqar-vocab", type=int, default=16, metavar="N",
+                   help="mqar: keys and values are each drawn from N symbols (default 16; chance is 1/N)")
     g.add_argument("--needles", nargs="+", choices=NEEDLES, default=list(NEEDLES),
                    help="sniah: needle kinds, mixed in training and scored separately (default all)")
     g.add_argument("--haystack", choices=HAYSTACKS, default="noise", help="sniah: haystack (default noise)")
@@ -76,7 +77,7 @@ def _train_args(p, steps: int, compare: bool = False):
     o.add_argument("--steps", type=int, default=steps, help=f"optimizer steps (default {steps})")
     o.add_argument("--batch-size", type=int, default=32, help="sequences per step, all processes (default 32)")
     o.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step (default 1)")
-    o.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (default 3e-3)")
+    o.add_argument("--lr", type=float, default=None, help="peak learning rate (default: 1e-2 mqar/sniah, 3e-3 lm)")
     o.add_argument("--warmup", type=int, default=None, help="warmup steps (default 10%% of --steps)")
     o.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay (default 0.1)")
     o.add_argument("--clip", type=float, default=1.0, help="gradient-norm clipping (default 1.0)")
@@ -105,11 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
 
     t = sub.add_parser("train", help="train a model on a task (default: tiny Moneta on MQAR)",
-                       description="Train a model. With no arguments: a tiny Moneta on MQAR (8 key-value pairs, "
-                       "64 tokens) for a few minutes on a CPU; prints the recall accuracy before and after. Writes "
+                       description="Train a model. With no arguments: a tiny Moneta on MQAR (4 key-value pairs, "
+                       "32 tokens, 16 symbols) for a few minutes on a CPU; prints the recall accuracy before and after. Writes "
                        "OUT/checkpoint/ (model.safetensors, config.json, trainer.pt), OUT/metrics.jsonl and "
                        "OUT/loss.png. Under torchrun the same command trains with DistributedDataParallel.")
-    _train_args(t, 300)
+    _train_args(t, 150)
     _task_args(t)
 
     e = sub.add_parser("eval", help="evaluate a checkpoint on its task, at several lengths",
@@ -161,7 +162,7 @@ def _train_args_from(ns, preset_name: str, out: str, **extra):
     kw = dict(preset=preset_name, size=ns.size, overrides=dict(ns.overrides), task=ns.task, pairs=ns.pairs, mqar_vocab=ns.mqar_vocab,
               seq_len=seq_len, needles=list(ns.needles), haystack=ns.haystack, data=ns.data,
               hf_dataset=ns.hf_dataset, tokenizer=ns.tokenizer, max_bytes=ns.max_bytes, steps=ns.steps,
-              batch_size=ns.batch_size, grad_accum=ns.grad_accum, lr=ns.lr, warmup=warmup,
+              batch_size=ns.batch_size, grad_accum=ns.grad_accum, lr=ns.lr or DEFAULT_LR[ns.task], warmup=warmup,
               weight_decay=ns.weight_decay, clip=ns.clip, seed=ns.seed, eval_every=ns.eval_every,
               eval_batches=ns.eval_batches, log_every=ns.log_every, out=out, device=ns.device,
               threads=ns.threads, plot=not ns.no_plot, quiet=ns.quiet)
@@ -296,6 +297,8 @@ def main(argv: list[str] | None = None) -> int:
         print(e, file=sys.stderr)
         return 2
     except (UsageError, DataError, ValueError, FileNotFoundError) as e:
+        if os.environ.get("MIRAS_DEBUG"):
+            raise
         cmd = f"miras {ns.command}" if "ns" in locals() and getattr(ns, "command", None) else "miras"
         print(f"{cmd}: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
         return 2

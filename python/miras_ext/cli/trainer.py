@@ -39,21 +39,21 @@ class TrainArgs:
     overrides: dict = field(default_factory=dict)     # MirasConfig fields
     match_params: int | None = None                   # widen the SwiGLU to reach this many parameters
     task: str = "mqar"
-    pairs: int = 8
-    mqar_vocab: int = 128                             # keys and values each drawn from this many
-    seq_len: int = 64
+    pairs: int = 4
+    mqar_vocab: int = 16                              # keys and values each drawn from this many
+    seq_len: int = 32
     needles: list = field(default_factory=lambda: ["passkey", "number", "word"])
     haystack: str = "noise"
     data: list | None = None
     hf_dataset: str | None = None
     tokenizer: str = "bytes"
     max_bytes: int = 4_000_000
-    steps: int = 300
+    steps: int = 150
     batch_size: int = 32                              # global, in sequences per optimizer step
     grad_accum: int = 1
-    lr: float = 3e-3
+    lr: float = 1e-2
     min_lr_ratio: float = 0.1
-    warmup: int = 30
+    warmup: int = 15
     weight_decay: float = 0.1
     betas: tuple = (0.9, 0.95)
     clip: float = 1.0
