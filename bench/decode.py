@@ -9,9 +9,9 @@ as tokens/s), then `--warmup` decode steps and `--steps` timed single-token step
 step is the per-token cost. Dimensions: the "tiny" preset widened by --dim/--layers/--heads (default 256 x 4,
 4 heads). The last line printed is `JSON {...}` with every number.
 
-Threads: --threads 1 by default. One decoded token is a few small operations; with 2 threads on a loaded
-2-core machine every OpenMP region of the memory op waits for the second thread to be scheduled (measured:
-40 ms per op call instead of 0.4 ms), which swamps what is measured here. Yaad is the default Miras model
+Threads: --threads 1 by default, so that other load on a small shared machine does not make every OpenMP
+region of a step wait for a second core (the memory op itself runs a decoding step on the calling thread).
+Yaad is the default Miras model
 because its prefill uses the dual-form read (Eq. 5.10); Moneta and Memora (nonlinear links) materialise
 the weights per token (Eq. 5.11) and prefill 16K tokens about 20x slower; their decode step costs the same.
 """
