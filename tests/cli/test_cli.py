@@ -81,3 +81,18 @@ def test_help(capsys):
     with pytest.raises(SystemExit) as e:
         main(["train", "--help"])
     assert e.value.code == 0 and "--resume" in capsys.readouterr().out
+
+
+def test_divergence_is_one_line_and_compare_goes_on(tmp_path, capsys):
+    """A run whose gradients overflow stops with one line naming the step (no traceback, no NaN weights
+    passed to the memory op), and `miras compare` records it as diverged and trains the other presets."""
+    wild = ["--lr", "1e30", "--warmup", "0", "--clip", "1e30"]
+    assert main(["train", *FAST, *wild, "--steps", "20", "--eval-every", "0", "--out", str(tmp_path / "t")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "lower --lr" in err[0]
+    args = [a for a in FAST if a != "--preset" and a != "yaad"]
+    assert main(["compare", "--presets", "yaad", "transformer", *args, *wild, "--steps", "20",
+                 "--eval-every", "0", "--out", str(tmp_path / "c")]) == 0
+    rows = json.loads((tmp_path / "c" / "compare.json").read_text())["rows"]
+    assert [("diverged" in r) for r in rows].count(True) >= 1
+    assert "diverged" in capsys.readouterr().out

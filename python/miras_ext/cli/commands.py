@@ -283,7 +283,7 @@ COMMANDS = dict(train=cmd_train, eval=cmd_eval, generate=cmd_generate, compare=c
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .trainer import UsageError
+    from .trainer import Diverged, UsageError
     parser = build_parser()
     try:
         ns = parser.parse_args(argv)
@@ -296,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     except CLIError as e:
         print(e, file=sys.stderr)
         return 2
-    except (UsageError, DataError, ValueError, FileNotFoundError) as e:
+    except (UsageError, DataError, ValueError, FileNotFoundError, Diverged) as e:
         if os.environ.get("MIRAS_DEBUG"):
             raise
         cmd = f"miras {ns.command}" if "ns" in locals() and getattr(ns, "command", None) else "miras"

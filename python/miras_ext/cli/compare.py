@@ -6,7 +6,7 @@ import json
 import time
 from pathlib import Path
 
-from .trainer import Trainer, count, make_config, make_task
+from .trainer import Diverged, Trainer, count, make_config, make_task
 
 
 def run_compare(ns) -> int:
@@ -34,7 +34,13 @@ def run_compare(ns) -> int:
             a.quiet = True
             t0 = time.time()
             tr = Trainer(a)
-            res = tr.run()
+            try:
+                res = tr.run()
+            except Diverged as e:  # one model's divergence is a result of the comparison, not its end
+                rows.append(dict(preset=name, seq_len=L, pairs=P, parameters=tr.n_params, diverged=str(e),
+                                 seconds=round(time.time() - t0, 1)))
+                print(f"  {tag:<28} params {tr.n_params:>8,}  diverged: {e}", flush=True)
+                continue
             ev = res["last"]
             row = dict(preset=name, seq_len=L, pairs=P, parameters=res["parameters"], tokens=res["tokens"],
                        seconds=round(time.time() - t0, 1), **ev)
@@ -49,7 +55,7 @@ def run_compare(ns) -> int:
     if not ns.no_plot:
         from .plots import accuracy_vs_length
         series = {}
-        for r in rows:
+        for r in (r for r in rows if "diverged" not in r):
             key = r["preset"] + (f" ({r['pairs']} pairs)" if r["pairs"] and len(pairs_grid) > 1 else "")
             series.setdefault(key, {})[r["seq_len"]] = r["loss"] if ns.task == "lm" else r["accuracy"]
         accuracy_vs_length(series, out / "compare.png", f"{ns.task}, {ns.steps} steps x {ns.batch_size}",
@@ -76,8 +82,10 @@ def table(rows: list[dict], task: str) -> str:
         mine = {(r["seq_len"], r["pairs"]): r for r in rows if r["preset"] == p}
         cells = []
         for L, P, k in cols:
-            v = mine.get((L, P), {}).get(k)
-            cells.append("-" if v is None else (f"{v:.3f}" if k == "loss" else f"{v:.1%}"))
+            cell = mine.get((L, P), {})
+            v = cell.get(k)
+            cells.append("diverged" if "diverged" in cell else
+                         "-" if v is None else (f"{v:.3f}" if k == "loss" else f"{v:.1%}"))
         params = next(r["parameters"] for r in rows if r["preset"] == p)
         lines.append("| " + " | ".join([p, f"{params:,}"] + cells) + " |")
     return "\n".join(lines)

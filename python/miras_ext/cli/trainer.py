@@ -28,6 +28,10 @@ from ..tasks import IGNORE, MQAR, SNIAH, Task, TextLM, answer_accuracy
 from ..tasks.text import bits_per_byte
 
 
+class Diverged(RuntimeError):
+    """Training produced a non-finite loss or gradient."""
+
+
 class UsageError(ValueError):
     """A bad argument: reported as one line by the CLI."""
 
@@ -371,6 +375,9 @@ class Trainer:
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.a.clip)
         if hasattr(norm, "full_tensor"):
             norm = norm.full_tensor()
+        if not math.isfinite(float(norm)):
+            # An update with it would make every parameter NaN; stop with the step that diverged.
+            raise Diverged(f"the gradient norm became {float(norm)} at step {self.step + 1}; lower --lr")
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         dt = time.perf_counter() - t0
@@ -450,7 +457,7 @@ class Trainer:
             self.log(rec)
             prog.update(self.step, rec["loss"], rec["lr"], rec["tokens_per_s"])
             if not math.isfinite(rec["loss"]):
-                raise RuntimeError(f"the loss became {rec['loss']} at step {self.step}; lower --lr")
+                raise Diverged(f"the loss became {rec['loss']} at step {self.step}; lower --lr")
             if (a.eval_every and self.step % a.eval_every == 0) or self.step == a.steps:
                 last = self.evaluate()
                 self.log(dict(step=self.step, **{f"eval/{k}": v for k, v in last.items()}))
