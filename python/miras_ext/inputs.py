@@ -5,6 +5,7 @@ Every problem is a ValueError that names the argument and says what was expected
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -45,14 +46,20 @@ def _check_tensor(name: str, x, rank: int, dims: str) -> torch.Tensor:
     return x
 
 
+class NonFiniteError(ValueError):
+    """A gate holds NaN or infinity: what a model whose training diverged passes on to its memory."""
+
+
 def _check_range(name: str, x: torch.Tensor, low: float, high: float, low_open: bool, high_open: bool) -> None:
     # Value checks read the data; under torch.compile they would break the graph, so only eager calls run them.
     if x.numel() == 0 or torch.compiler.is_compiling():
         return
     lo, hi = x.min().item(), x.max().item()
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        raise NonFiniteError(f"{name}: values must be finite, got min {lo:.4g}, max {hi:.4g}")
     bad_low = lo <= low if low_open else lo < low
     bad_high = hi >= high if high_open else hi > high
-    if bad_low or bad_high or lo != lo or hi != hi:
+    if bad_low or bad_high:
         interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
         raise ValueError(f"{name}: values must lie in {interval}, got min {lo:.4g}, max {hi:.4g}")
 

@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..inputs import NonFiniteError
 from ..models import MirasConfig, MirasForCausalLM, preset
 from ..models.miras_layer import LowRankGate
 from ..tasks import IGNORE, MQAR, SNIAH, Task, TextLM, answer_accuracy
@@ -371,7 +372,10 @@ class Trainer:
         for g in self.optimizer.param_groups:
             g["lr"] = lr
         t0 = time.perf_counter()
-        loss = self.accumulate(self.step)
+        try:
+            loss = self.accumulate(self.step)
+        except NonFiniteError as e:  # the forward overflowed inside a layer (e.g. a memory's inner loop)
+            raise Diverged(f"the forward pass became non-finite at step {self.step + 1} ({e}); lower --lr") from e
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.a.clip)
         if hasattr(norm, "full_tensor"):
             norm = norm.full_tensor()
