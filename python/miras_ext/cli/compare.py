@@ -70,6 +70,7 @@ def table(rows: list[dict], task: str) -> str:
     cols = []
     for r in rows:
         keys = [k for k in r if k.startswith("accuracy/")] if task == "sniah" else [metric]
+        keys = keys or [metric]  # a diverged run has no per-needle accuracies
         for k in keys:
             c = (r["seq_len"], r["pairs"], k)
             if c not in cols:

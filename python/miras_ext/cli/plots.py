@@ -41,7 +41,8 @@ def accuracy_vs_length(results: dict[str, dict[int, float]], out: str | Path, ti
         ax.plot(xs, [by_len[x] for x in xs], "o-", label=name)
     ax.set(xlabel="sequence length", ylabel=ylabel, title=title)
     ax.set_xscale("log", base=2)
-    ax.legend(fontsize=8)
+    if results:  # every run of the comparison may have diverged
+        ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(out, dpi=100)
