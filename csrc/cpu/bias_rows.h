@@ -25,6 +25,25 @@ acc_t delta_at(const RowProblem& pr, const scalar_t* delta, int64_t row, int64_t
   return pr.layout == DeltaLayout::none ? acc_t(0) : acc_t(delta[delta_offset(pr.layout, row, j, pr.dv)]);
 }
 
+template <typename acc_t>
+struct RowSums {
+  acc_t sq = 0;  // sum of r^2
+  acc_t ru = 0;  // sum of r u (backward only)
+};
+
+// The row sums the norm-based biases need (common/bias.h); zero for the others. u may be null.
+template <typename acc_t, typename scalar_t>
+RowSums<acc_t> row_sums(const RowProblem& pr, const scalar_t* y, const scalar_t* v, const scalar_t* u) {
+  RowSums<acc_t> s;
+  if (!needs_row_norm(pr.bias)) return s;
+  for (int64_t j = 0; j < pr.dv; ++j) {
+    const acc_t r = acc_t(y[j]) - acc_t(v[j]);
+    s.sq += r * r;
+    if (u != nullptr) s.ru += r * acc_t(u[j]);
+  }
+  return s;
+}
+
 template <typename scalar_t>
 void forward_rows(const RowProblem& pr, const scalar_t* y, const scalar_t* v, const scalar_t* delta,
                   scalar_t* g) {
@@ -34,13 +53,7 @@ void forward_rows(const RowProblem& pr, const scalar_t* y, const scalar_t* v, co
   at::parallel_for(0, pr.rows, row_grain(dv), [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       const int64_t base = row * dv;
-      acc_t sq = 0;
-      if (needs_row_norm(pr.bias)) {
-        for (int64_t j = 0; j < dv; ++j) {
-          const acc_t r = acc_t(y[base + j]) - acc_t(v[base + j]);
-          sq += r * r;
-        }
-      }
+      const acc_t sq = row_sums<acc_t>(pr, y + base, v + base, static_cast<const scalar_t*>(nullptr)).sq;
       for (int64_t j = 0; j < dv; ++j) {
         const acc_t vj = v[base + j];
         const acc_t r = acc_t(y[base + j]) - vj;
@@ -59,15 +72,7 @@ void backward_rows(const RowProblem& pr, const scalar_t* u, const scalar_t* y, c
   at::parallel_for(0, pr.rows, row_grain(dv), [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       const int64_t base = row * dv;
-      acc_t sq = 0;
-      acc_t ru = 0;
-      if (needs_row_norm(pr.bias)) {
-        for (int64_t j = 0; j < dv; ++j) {
-          const acc_t r = acc_t(y[base + j]) - acc_t(v[base + j]);
-          sq += r * r;
-          ru += r * acc_t(u[base + j]);
-        }
-      }
+      const auto [sq, ru] = row_sums<acc_t>(pr, y + base, v + base, u + base);
       acc_t row_delta_grad = 0;
       for (int64_t j = 0; j < dv; ++j) {
         const acc_t r = acc_t(y[base + j]) - acc_t(v[base + j]);
