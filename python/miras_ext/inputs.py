@@ -54,7 +54,7 @@ def _check_range(name: str, x: torch.Tensor, low: float, high: float, low_open: 
     # Value checks read the data; under torch.compile they would break the graph, so only eager calls run them.
     if x.numel() == 0 or torch.compiler.is_compiling():
         return
-    lo, hi = x.min().item(), x.max().item()
+    lo, hi = (m.item() for m in torch.aminmax(x))
     if not (math.isfinite(lo) and math.isfinite(hi)):
         raise NonFiniteError(f"{name}: values must be finite, got min {lo:.4g}, max {hi:.4g}")
     bad_low = lo <= low if low_open else lo < low
@@ -181,6 +181,16 @@ def _initial_state(initial_state, spec: MemorySpec, n: int, h: int, dk: int, dv:
                    for i, x in enumerate(initial_state))
     position = torch.zeros(n, dtype=torch.int64, device=device)
     return MemoryState(memory, tuple(torch.zeros_like(m) for m in memory[:nmom]), memory, position)
+
+
+def chunk_phase(position: torch.Tensor, chunk_size: int) -> int:
+    """The offset within its chunk that every sequence of a padded batch shares (Eq. 5.6); the chunked
+    algorithm runs one chunk schedule for the whole batch."""
+    phases = torch.remainder(position, chunk_size)
+    if (phases != phases[0]).any():
+        raise ValueError("initial_state.position: every sequence of a batch must be at the same offset "
+                         f"within its chunk of {chunk_size}, got positions {position.tolist()}")
+    return int(phases[0])
 
 
 def check_call(q, k, v, lr, alpha, momentum, delta, spec: MemorySpec, scale: float, initial_state,

@@ -14,7 +14,7 @@ from miras_ext import MemorySpec, MemoryState, memory_forward, memory_step
 from miras_ext.ops import memory as memory_ops
 from miras_ext.reference import chunked
 from ..reference.helpers import one_thread  # noqa: F401  (autouse fixture)
-from ..reference.helpers import cotangent_loss, make_inputs, rel, state_rel
+from ..reference.helpers import cotangent_loss, forward_and_grads, make_inputs, rel, state_rel
 
 TOL = 1e-9
 
@@ -34,14 +34,6 @@ SPECS = [
 ]
 
 
-def _grads(fn, inp, **kwargs):
-    inp = inp.cast(torch.float64).requires_grad_()
-    o, state = inp.call(fn, output_final_state=True, **kwargs)
-    leaves = inp.leaves()
-    grads = torch.autograd.grad(cotangent_loss(o, state), list(leaves.values()), allow_unused=True)
-    return o, state, dict(zip(leaves, grads))
-
-
 def _compare(ours, ref):
     o, state, grads = ours
     o_ref, state_ref, grads_ref = ref
@@ -59,13 +51,13 @@ def _compare(ours, ref):
 @pytest.mark.parametrize("spec, kw, b, T", SPECS)
 def test_forward_backward_match_reference(spec, kw, b, T):
     inp = make_inputs(spec, B=2, T=T, H=2, **kw)
-    _compare(_grads(memory_forward, inp, chunk_size=b), _grads(chunked, inp, chunk_size=b))
+    _compare(forward_and_grads(memory_forward, inp, chunk_size=b), forward_and_grads(chunked, inp, chunk_size=b))
 
 
 def test_per_head_initial_state_broadcasts_gradient():
     spec = MemorySpec(memory="matrix", bias="l2", retention="l2")
     inp = make_inputs(spec, B=3, T=6, H=2, dv=3, init="random", init_batch=False)
-    _compare(_grads(memory_forward, inp, chunk_size=4), _grads(chunked, inp, chunk_size=4))
+    _compare(forward_and_grads(memory_forward, inp, chunk_size=4), forward_and_grads(chunked, inp, chunk_size=4))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -15,20 +15,12 @@ import miras_ext
 from miras_ext import MemorySpec, reference
 
 from ..reference.helpers import one_thread  # noqa: F401  (autouse fixture)
-from ..reference.helpers import (combo_id, combo_spec, cotangent_loss, make_inputs, pairwise_combos, rel,
+from ..reference.helpers import (combo_id, combo_spec, forward_and_grads, make_inputs, pairwise_combos, rel,
                                  state_rel)
 
 TOL = 1e-9
 # The compiled op implements matrix and MLP memory; vector memory is reference-only.
 COMBOS = [c for c in pairwise_combos() if c["memory"] != "vector"]
-
-
-def run(fn, inp, **kwargs):
-    x = inp.cast(torch.float64).requires_grad_()
-    o, state = x.call(fn, output_final_state=True, **kwargs)
-    leaves = x.leaves()
-    grads = torch.autograd.grad(cotangent_loss(o, state), list(leaves.values()), allow_unused=True)
-    return o, state, dict(zip(leaves, grads))
 
 
 def assert_same(got, want, tol=TOL):
@@ -49,8 +41,8 @@ def assert_same(got, want, tol=TOL):
 def test_matches_reference_chunked(index, combo, chunk_size):
     spec, kw = combo_spec(combo, index)
     inp = make_inputs(spec, T=11, init="random", init_batch=index % 2 == 0, **kw)
-    assert_same(run(miras_ext.memory_forward, inp, chunk_size=chunk_size, scale=0.8),
-                run(reference.chunked, inp, chunk_size=chunk_size, scale=0.8))
+    assert_same(forward_and_grads(miras_ext.memory_forward, inp, chunk_size=chunk_size, scale=0.8),
+                forward_and_grads(reference.chunked, inp, chunk_size=chunk_size, scale=0.8))
 
 
 @pytest.mark.parametrize("spec", [
@@ -61,7 +53,7 @@ def test_matches_reference_chunked(index, combo, chunk_size):
 ], ids=["moneta", "yaad", "memora", "gated-delta"])
 def test_chunk_size_one_is_the_exact_recurrence(spec):
     inp = make_inputs(spec, T=7, dv=4, per_channel=spec.memory == "mlp", init="random")
-    assert_same(run(miras_ext.memory_forward, inp, chunk_size=1), run(reference.recurrent, inp))
+    assert_same(forward_and_grads(miras_ext.memory_forward, inp, chunk_size=1), forward_and_grads(reference.recurrent, inp))
 
 
 @pytest.mark.parametrize("T,chunk_size", [(1, 64), (13, 5), (64, 16), (70, 64)])
@@ -70,8 +62,8 @@ def test_odd_sizes(T, chunk_size):
     for spec, dv in ((MemorySpec(memory="matrix", bias="huber_norm", retention="l2", algorithm="momentum"), 3),
                      (MemorySpec(memory="mlp", expansion=3, bias="lp", p=3.0, retention="lq"), 5)):
         inp = make_inputs(spec, B=1, T=T, H=3, dk=5, dv=dv, init="random")
-        assert_same(run(miras_ext.memory_forward, inp, chunk_size=chunk_size),
-                    run(reference.chunked, inp, chunk_size=chunk_size))
+        assert_same(forward_and_grads(miras_ext.memory_forward, inp, chunk_size=chunk_size),
+                    forward_and_grads(reference.chunked, inp, chunk_size=chunk_size))
 
 
 def test_varlen_equals_a_loop_over_sequences():
@@ -79,8 +71,8 @@ def test_varlen_equals_a_loop_over_sequences():
     lengths = [5, 0, 9, 3]
     inp = make_inputs(spec, B=1, T=sum(lengths), H=2, init="random", n_states=len(lengths))
     cu = torch.tensor([0, 5, 5, 14, 17])
-    assert_same(run(miras_ext.memory_forward, inp, chunk_size=4, cu_seqlens=cu),
-                run(reference.chunked, inp, chunk_size=4, cu_seqlens=cu))
+    assert_same(forward_and_grads(miras_ext.memory_forward, inp, chunk_size=4, cu_seqlens=cu),
+                forward_and_grads(reference.chunked, inp, chunk_size=4, cu_seqlens=cu))
     o, state = inp.call(miras_ext.memory_forward, chunk_size=4, cu_seqlens=cu, output_final_state=True)
     for i, (s, e) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
         one = inp.slice_t(s, e)
@@ -171,4 +163,4 @@ def test_runs_whose_retention_underflows(per_channel, retention):
     spec = MemorySpec(memory="mlp", expansion=2, bias="huber", retention=retention)
     inp = make_inputs(spec, B=1, T=80, H=2, per_channel=per_channel, init="random")
     inp.gates["alpha"][:, :50] = 1e-5  # the first chunk's A reaches 1e-250, under the float64 floor 1e-200
-    assert_same(run(miras_ext.memory_forward, inp, chunk_size=64), run(reference.chunked, inp, chunk_size=64))
+    assert_same(forward_and_grads(miras_ext.memory_forward, inp, chunk_size=64), forward_and_grads(reference.chunked, inp, chunk_size=64))

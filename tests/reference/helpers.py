@@ -174,6 +174,15 @@ def cotangent_loss(o: torch.Tensor, state: MemoryState | None, seed: int = 1) ->
     return total
 
 
+def forward_and_grads(fn, inp: Inputs, **kwargs) -> tuple:
+    """fn on float64 copies of `inp`: (o, final state, {input name: gradient of cotangent_loss})."""
+    x = inp.cast(torch.float64).requires_grad_()
+    o, state = x.call(fn, output_final_state=True, **kwargs)
+    leaves = x.leaves()
+    grads = torch.autograd.grad(cotangent_loss(o, state), list(leaves.values()), allow_unused=True)
+    return o, state, dict(zip(leaves, grads))
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Pairwise coverage of the spec choices.
 

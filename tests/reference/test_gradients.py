@@ -14,7 +14,8 @@ from miras_ext.reference import chunked, recurrent
 from miras_ext.spec import MemorySpec
 
 from .helpers import one_thread  # noqa: F401  (autouse fixture)
-from .helpers import GATE_NAMES, combo_id, combo_spec, cotangent_loss, kink_margin, make_inputs, pairwise_combos, rel
+from .helpers import (GATE_NAMES, combo_id, combo_spec, forward_and_grads, kink_margin, make_inputs,
+                      pairwise_combos, rel)
 
 TOL = 1e-9
 COMBOS = pairwise_combos()
@@ -22,11 +23,7 @@ COMBOS = pairwise_combos()
 
 def gradients(fn, inp, **kwargs) -> dict[str, torch.Tensor]:
     """d cotangent_loss / d every input of `inp`, by name."""
-    x = inp.cast(torch.float64).requires_grad_()
-    o, state = x.call(fn, output_final_state=True, **kwargs)
-    leaves = x.leaves()
-    grads = torch.autograd.grad(cotangent_loss(o, state), list(leaves.values()), allow_unused=True)
-    return dict(zip(leaves, grads))
+    return forward_and_grads(fn, inp, **kwargs)[2]
 
 
 def assert_same_gradients(inp, chunk_size: int, tol: float = TOL) -> None:

@@ -16,7 +16,7 @@ import dataclasses
 
 import torch
 
-from ..inputs import check_call
+from ..inputs import check_call, chunk_phase
 from ..spec import MemorySpec
 from ..state import MemoryState
 
@@ -43,14 +43,6 @@ def checkpoint_rows(n: int, t: int, chunk_size: int, lag_token: bool, varlen: bo
     chunks = (t + chunk_size - 1) // chunk_size
     factor = 2 if lag_token and chunk_size > 1 else 1
     return (chunks + 2 * n if varlen else n * (chunks + 1)) * factor
-
-
-def _check_phases(position: torch.Tensor, chunk_size: int) -> None:
-    """The reference's error for a padded batch whose sequences sit at different offsets in their chunks."""
-    phases = torch.remainder(position, chunk_size)
-    if (phases != phases[0]).any():
-        raise ValueError("initial_state.position: every sequence of a batch must be at the same offset "
-                         f"within its chunk of {chunk_size}, got positions {position.tolist()}")
 
 
 def memory_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: MemorySpec, lr: torch.Tensor,
@@ -96,7 +88,7 @@ def memory_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: Memo
     call = check_call(q, k, v, lr, alpha, momentum, delta, spec, scale, initial_state, chunk_size, cu_seqlens)
     st, g = call.state, call.gates
     if cu_seqlens is None and q.shape[1] > 0 and q.shape[0] > 0 and not torch.compiler.is_compiling():
-        _check_phases(st.position, chunk_size)
+        chunk_phase(st.position, chunk_size)
     tensors = [q, k, v, *(x for x in g.values() if x is not None), *st.memory, *st.momentum, *st.anchor]
     save = torch.is_grad_enabled() and any(x.requires_grad for x in tensors)
     o, memory, mom, anchor, position, _ = torch.ops.miras_ext.memory_chunk_fwd(

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from ..inputs import check_call
+from ..inputs import check_call, chunk_phase
 from ..spec import MemorySpec
 from ..state import MemoryState
 from .memory import activation, apply, gate_view, layer_norm, linear, token_gradients
@@ -151,13 +151,10 @@ def chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: MemorySpec,
         t_len = q.shape[1]
         if t_len == 0 or q.shape[0] == 0:
             return q.new_zeros(*q.shape[:3], v.shape[-1]), state
-        phases = torch.remainder(state.position, chunk_size)
-        if (phases != phases[0]).any():
-            raise ValueError("initial_state.position: every sequence of a batch must be at the same offset "
-                             f"within its chunk of {chunk_size}, got positions {state.position.tolist()}")
+        phase = chunk_phase(state.position, chunk_size)
         z, s, anchor = list(state.memory), list(state.momentum), list(state.anchor)
         outs = []
-        for start, end, fresh in segments(int(phases[0]), t_len, chunk_size, spec.lag_token):
+        for start, end, fresh in segments(phase, t_len, chunk_size, spec.lag_token):
             if fresh:
                 anchor = list(z)
             part = lambda x: x[:, start:end].transpose(1, 2)  # noqa: E731  [N, H, n, ...]
