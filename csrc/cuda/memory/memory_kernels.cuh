@@ -1,0 +1,712 @@
+// CUDA kernels of miras_ext::memory_chunk_fwd / memory_chunk_bwd (docs/math.md Sections 4-5 and 9; docs/cuda.md
+// for the design). One block per (sequence, head) walks that sequence's runs of tokens sharing an anchor
+// (Eq. 5.6). Within a run the gradients at the anchor are taken for all tokens at once (Eqs. 5.1-5.5);
+// the state then advances token by token, Z_t = alpha_t Z_{t-1} - eta_t G_t or, with momentum,
+// S_t = m_t S_{t-1} - eta_t G_t, Z_t = alpha_t Z_{t-1} + S_t (the recurrences that Eqs. 5.8-5.9 sum), and
+// each token reads phi(Z_t) exactly (Eqs. 4.3, 5.11). The backward recomputes a run from its checkpoint,
+// keeps Z_t for every token of the run, and walks it in reverse, then differentiates the gradients at the
+// anchor (second order, Eq. 9.4). State and arithmetic are in A (float, or double for double inputs).
+// Launch code lives in memory_launch.inc only, so that the CPU emulator can run these kernels.
+#pragma once
+
+#include <cstdint>
+#include <type_traits>
+
+#include "cuda/acc_types.cuh"
+#include "cuda/memory/block_ops.cuh"
+#include "cuda/memory/link.cuh"
+#include "cuda/memory/memory_args.h"
+
+namespace miras::cuda {
+
+template <typename O, typename A>
+__device__ __forceinline__ O store_as(A x) {
+  if constexpr (std::is_same_v<O, A>) {
+    return x;
+  } else {
+    return from_acc<O>(x);
+  }
+}
+
+enum GateKind : int { kLr = 0, kAlpha = 1, kMom = 2, kCum = 3 };
+
+// Everything one block needs: its sequence and head, the spec, and pointers into its workspace.
+template <typename T, typename A>
+struct MemoryBlock {
+  static_assert(std::is_same_v<A, acc_of<T>>, "the state type is the accumulation type of the inputs");
+  const MemoryArgs<T, A>& args;
+  const KernelSpec& sp;
+  int64_t seq, head, batch;
+  int L, Dk, Dv, Dg, ins, outs;
+  int64_t W;
+  int64_t woff[kMaxLayers];
+  int insoff[kMaxLayers], outoff[kMaxLayers];
+  Workspace lay;
+  A* ws;
+  BiasParams<A> bp;
+
+  __device__ MemoryBlock(const MemoryArgs<T, A>& a, bool backward) : args(a), sp(a.spec) {
+    seq = blockIdx.x / a.H;
+    head = blockIdx.x % a.H;
+    batch = a.batch[seq];
+    L = sp.layers;
+    Dk = sp.dims[0];
+    Dv = sp.dims[L];
+    Dg = sp.dg();
+    W = 0;
+    ins = outs = 0;
+    for (int l = 0; l < L; ++l) {
+      woff[l] = W;
+      insoff[l] = ins;
+      outoff[l] = outs;
+      W += sp.size(l);
+      ins += sp.dims[l];
+      outs += sp.dims[l + 1];
+    }
+    lay = workspace_layout(sp, a.max_run, backward);
+    ws = a.work + blockIdx.x * a.work_stride;
+    bp = BiasParams<A>{sp.bias, A(sp.p), A(sp.eps)};
+  }
+
+  __device__ int64_t max_run() const { return args.max_run; }
+
+  __device__ int out_of(int l) const { return sp.dims[l + 1]; }
+  __device__ int in_of(int l) const { return sp.dims[l]; }
+  __device__ int64_t state_row(int l) const { return (seq * args.H + head) * sp.size(l); }
+  __device__ int64_t ck_row(int l, int64_t row) const { return (row * args.H + head) * sp.size(l); }
+  __device__ int64_t token(int64_t t) const { return (batch * args.T_len + t) * args.H + head; }
+
+  // Per-token arrays of the workspace.
+  __device__ A* acts(int t, int l) const { return ws + lay.acts + int64_t(t) * ins + insoff[l]; }
+  __device__ A* back(int t, int l) const { return ws + lay.back + int64_t(t) * ins + insoff[l]; }
+  __device__ A* pre(int t, int l) const { return ws + lay.pre + int64_t(t) * outs + outoff[l]; }
+  __device__ A* deltas(int t, int l) const { return ws + lay.deltas + int64_t(t) * outs + outoff[l]; }
+  __device__ A* rin(int t, int l) const { return ws + lay.rin + int64_t(t) * ins + insoff[l]; }
+  __device__ A* rpre(int t, int l) const { return ws + lay.rpre + int64_t(t) * outs + outoff[l]; }
+  __device__ A* dd(int t, int l) const { return ws + lay.dd + int64_t(t) * outs + outoff[l]; }
+  __device__ A* dpre(int t, int l) const { return ws + lay.dpre + int64_t(t) * outs + outoff[l]; }
+  __device__ A* tmp(int t, int l) const { return ws + lay.tmp + int64_t(t) * outs + outoff[l]; }
+  __device__ A* da(int t, int l) const { return ws + lay.da + int64_t(t) * ins + insoff[l]; }
+  __device__ A* yv(int t) const { return ws + lay.y + int64_t(t) * Dv; }
+  __device__ A* gv(int t) const { return ws + lay.g + int64_t(t) * Dv; }
+  __device__ A* vec(int k) const { return ws + lay.vec + int64_t(k) * sp.widest(); }
+  __device__ A* rows(int l) const { return ws + lay.rows + 2 * outoff[l]; }
+  __device__ A* gate(int kind, int t) const { return ws + lay.gates + (int64_t(kind) * max_run() + t) * Dg; }
+  __device__ A* dgate(int kind, int t) const { return ws + lay.dgates + (int64_t(kind) * max_run() + t) * Dg; }
+  __device__ A* state_t(int t) const { return ws + lay.states + int64_t(t) * W; }
+  __device__ A* mom_t(int t) const { return ws + lay.states + (max_run() + t) * W; }
+
+  // Gate channel of element (i, j) of weight l (Eq. 3.4).
+  __device__ int channel(int l, int i, int j) const { return sp.per_channel ? (sp.side(l) == 0 ? i : j) : 0; }
+
+  // ------------------------------------------------------------------------------------------------------
+  // Gates of a run: lr, alpha (1 without retention), momentum (0 for GD) and A_t = prod_{s <= t} alpha_s.
+  __device__ void load_gates(int64_t t0, int n) const {
+    for (int c = threadIdx.x; c < Dg; c += blockDim.x) {
+      A cum = 1;
+      for (int t = 0; t < n; ++t) {
+        const int64_t g = token(t0 + t) * Dg + c;
+        const A al = sp.has_alpha ? args.alpha[g] : A(1);
+        cum *= al;
+        gate(kLr, t)[c] = args.lr[g];
+        gate(kAlpha, t)[c] = al;
+        gate(kMom, t)[c] = sp.momentum ? args.mom[g] : A(0);
+        gate(kCum, t)[c] = cum;
+      }
+    }
+    __syncthreads();
+  }
+
+  // The anchor weights phi(anchor), materialised in the workspace unless the link is the identity.
+  __device__ void anchor_weights(A* const anc[], const A* wb[]) const {
+    for (int l = 0; l < L; ++l) {
+      if (sp.link == Link::identity) {
+        wb[l] = anc[l];
+        continue;
+      }
+      A* w = ws + lay.wb + woff[l];
+      const LinkStats<A> st = link_stats(sp, anc[l], out_of(l), in_of(l), rows(l));
+      for (int64_t e = threadIdx.x; e < sp.size(l); e += blockDim.x) w[e] = phi(sp, st, anc[l][e], int(e / in_of(l)));
+      __syncthreads();
+      wb[l] = w;
+    }
+  }
+
+  // U[t][i] = sum_j Wt[i][j] X[t][j] for t < n, i < out (one warp per (t, i)).
+  template <typename Weight, typename X, typename U>
+  __device__ void rows_product(int n, int out, int in, Weight wt, X x, U u, bool accumulate) const {
+    const int lane = threadIdx.x % kWarp;
+    for (int p = threadIdx.x / kWarp; p < n * out; p += kMemoryWarps) {
+      const int t = p / out, i = p % out;
+      const A* xt = x(t);
+      A s = 0;
+      for (int j = lane; j < in; j += kWarp) s += wt(i, j) * xt[j];
+      s = warp_sum(s);
+      if (lane == 0) {
+        A* ut = u(t);
+        ut[i] = accumulate ? ut[i] + s : s;
+      }
+    }
+    __syncthreads();
+  }
+
+  // R[t][j] = sum_i Wt[i][j] D[t][i] for t < n, j < in (one thread per (t, j)).
+  template <typename Weight, typename D, typename R>
+  __device__ void cols_product(int n, int out, int in, Weight wt, D d, R r, bool accumulate) const {
+    for (int p = threadIdx.x; p < n * in; p += blockDim.x) {
+      const int t = p / in, j = p % in;
+      const A* dt = d(t);
+      A s = 0;
+      for (int i = 0; i < out; ++i) s += wt(i, j) * dt[i];
+      A* rt = r(t);
+      rt[j] = accumulate ? rt[j] + s : s;
+    }
+    __syncthreads();
+  }
+
+  // dW[i][j] += sum_{t < n} P[t][i] Q[t][j] for weight l.
+  template <typename P, typename Q>
+  __device__ void outer_accumulate(int n, int l, A* dw, P p, Q q) const {
+    const int in = in_of(l);
+    for (int64_t e = threadIdx.x; e < sp.size(l); e += blockDim.x) {
+      const int i = int(e / in), j = int(e % in);
+      A s = 0;
+      for (int t = 0; t < n; ++t) s += p(t)[i] * q(t)[j];
+      dw[e] += s;
+    }
+    __syncthreads();
+  }
+
+  // The weight tensor w [out, in] as a function of (i, j).
+  __device__ static auto dense(const A* w, int in) {
+    return [w, in](int i, int j) { return w[int64_t(i) * in + j]; };
+  }
+
+  // ------------------------------------------------------------------------------------------------------
+  // The gradients at the anchor for the n tokens of a run (Eqs. 5.1-5.5): layer inputs, pre-activations,
+  // prediction y, bias gradient g and the deltas, kept in the workspace.
+  __device__ void anchor_pass(int64_t t0, int n, const A* const wb[]) const {
+    for (int p = threadIdx.x; p < n * Dk; p += blockDim.x) {
+      acts(p / Dk, 0)[p % Dk] = to_acc(args.k[token(t0 + p / Dk) * Dk + p % Dk]);
+    }
+    __syncthreads();
+    for (int l = 0; l < L; ++l) {
+      const A* w = wb[l];
+      const int in = in_of(l), out = out_of(l);
+      rows_product(n, out, in, dense(w, in), [&](int t) { return acts(t, l); }, [&](int t) { return pre(t, l); },
+                   false);
+      if (sp.retained) {  // Eq. 5.2
+        for (int p = threadIdx.x; p < n * out; p += blockDim.x) {
+          pre(p / out, l)[p % out] *= gate(kCum, p / out)[sp.per_channel ? p % out : 0];
+        }
+        __syncthreads();
+      }
+      if (l + 1 < L) {
+        for (int p = threadIdx.x; p < n * out; p += blockDim.x) {
+          acts(p / out, l + 1)[p % out] = act(sp.gelu != 0, pre(p / out, l)[p % out]);
+        }
+        __syncthreads();
+      }
+    }
+    for (int t = threadIdx.x / kWarp; t < n; t += kMemoryWarps) {
+      const int64_t tok = token(t0 + t);
+      const A* u = pre(t, L - 1);
+      if (sp.residual) {
+        row_layer_norm(u, acts(t, 0), yv(t), Dv);
+      } else {
+        for (int j = threadIdx.x % kWarp; j < Dv; j += kWarp) yv(t)[j] = u[j];
+      }
+      __syncwarp();
+      row_bias_grad(bp, sp.delta_layout, yv(t), args.v + tok * Dv, delta_ptr(tok), gv(t), Dv);
+      __syncwarp();
+      if (sp.residual) {
+        row_layer_norm_backward(u, gv(t), deltas(t, L - 1), Dv, false);
+      } else {
+        for (int j = threadIdx.x % kWarp; j < Dv; j += kWarp) deltas(t, L - 1)[j] = gv(t)[j];
+      }
+    }
+    __syncthreads();
+    for (int l = L - 1; l > 0; --l) {  // Eq. 5.4
+      const A* w = wb[l];
+      const int in = in_of(l), out = out_of(l);
+      cols_product(n, out, in, dense(w, in), [&](int t) { return deltas(t, l); }, [&](int t) { return back(t, l); },
+                   false);
+      for (int p = threadIdx.x; p < n * in; p += blockDim.x) {
+        const int t = p / in, j = p % in;
+        deltas(t, l - 1)[j] = back(t, l)[j] * act_grad(sp.gelu != 0, pre(t, l - 1)[j]);
+      }
+      __syncthreads();
+    }
+  }
+
+  __device__ const A* delta_ptr(int64_t tok) const {
+    if (sp.delta_layout == DeltaLayout::none) return nullptr;
+    return args.delta + tok * (sp.delta_layout == DeltaLayout::per_channel ? Dv : 1);
+  }
+
+  // Token t's step of every weight tensor: src -> dst (may alias), Eqs. 5.8-5.9 as recurrences.
+  __device__ void token_update(int t, const A* const zsrc[], A* const zdst[], const A* const ssrc[],
+                               A* const sdst[]) const {
+    const A* e = gate(kLr, t);
+    const A* al = gate(kAlpha, t);
+    const A* m = gate(kMom, t);
+    for (int l = 0; l < L; ++l) {
+      const int in = in_of(l);
+      const A* d = deltas(t, l);
+      const A* a = acts(t, l);
+      for (int64_t x = threadIdx.x; x < sp.size(l); x += blockDim.x) {
+        const int i = int(x / in), j = int(x % in), c = channel(l, i, j);
+        const A grad = d[i] * a[j];
+        A z = zsrc[l][x];
+        if (sp.momentum) {
+          const A s = m[c] * ssrc[l][x] - e[c] * grad;
+          sdst[l][x] = s;
+          z = al[c] * z + s;
+        } else {
+          z = al[c] * z - e[c] * grad;
+        }
+        zdst[l][x] = z;
+      }
+    }
+    __syncthreads();
+  }
+
+  // Token t's read of the memory Z (Eq. 4.3): rin / rpre of every layer, returns nothing; o written when
+  // `write` (the forward), else the values are kept for the backward.
+  __device__ void token_read(int64_t t0, int t, A* const z[], bool write) const {
+    const int64_t tok = token(t0 + t);
+    for (int j = threadIdx.x; j < Dk; j += blockDim.x) rin(t, 0)[j] = A(sp.scale) * to_acc(args.q[tok * Dk + j]);
+    __syncthreads();
+    for (int l = 0; l < L; ++l) {
+      const int in = in_of(l), out = out_of(l);
+      const A* zl = z[l];
+      const LinkStats<A> st = link_stats(sp, zl, out, in, rows(l));
+      const A* h = rin(t, l);
+      A* u = rpre(t, l);
+      const int lane = threadIdx.x % kWarp;
+      for (int i = threadIdx.x / kWarp; i < out; i += kMemoryWarps) {
+        A s = 0;
+        for (int j = lane; j < in; j += kWarp) s += phi(sp, st, zl[int64_t(i) * in + j], i) * h[j];
+        s = warp_sum(s);
+        if (lane == 0) u[i] = s;
+      }
+      __syncthreads();
+      if (l + 1 < L) {
+        for (int j = threadIdx.x; j < out; j += blockDim.x) rin(t, l + 1)[j] = act(sp.gelu != 0, u[j]);
+        __syncthreads();
+      }
+    }
+    if (write && threadIdx.x < kWarp) {
+      const A* u = rpre(t, L - 1);
+      const A* x = rin(t, 0);
+      T* o = args.o + tok * Dv;
+      if (sp.residual) {
+        const RowNorm<A> nrm = row_norm(u, Dv);
+        for (int j = threadIdx.x; j < Dv; j += kWarp) o[j] = from_acc<T>(x[j] + (u[j] - nrm.mean) * nrm.rstd);
+      } else {
+        for (int j = threadIdx.x; j < Dv; j += kWarp) o[j] = from_acc<T>(u[j]);
+      }
+    }
+  }
+
+  // x *= A_t (gate side) for every weight tensor: the retained anchor at the end of a run (Eq. 5.2).
+  __device__ void scale_by_cum(int t, A* const x[]) const {
+    const A* cum = gate(kCum, t);
+    for (int l = 0; l < L; ++l) {
+      const int in = in_of(l);
+      for (int64_t e = threadIdx.x; e < sp.size(l); e += blockDim.x) x[l][e] *= cum[channel(l, int(e / in), int(e % in))];
+    }
+    __syncthreads();
+  }
+
+  // dst[c] += sum over the elements of channel c of f(i, j) for weight l (per head: c = 0). Block-level.
+  template <typename F>
+  __device__ void gate_reduce_add(int l, F f, A* dst) const {
+    const int in = in_of(l), out = out_of(l);
+    if (!sp.per_channel) {
+      A part = 0;
+      for (int64_t e = threadIdx.x; e < sp.size(l); e += blockDim.x) part += f(int(e / in), int(e % in));
+      part = block_sum(part);
+      if (threadIdx.x == 0) dst[0] += part;
+    } else if (sp.side(l) == 0) {
+      const int lane = threadIdx.x % kWarp;
+      for (int i = threadIdx.x / kWarp; i < out; i += kMemoryWarps) {
+        A s = 0;
+        for (int j = lane; j < in; j += kWarp) s += f(i, j);
+        s = warp_sum(s);
+        if (lane == 0) dst[i] += s;
+      }
+    } else {
+      for (int j = threadIdx.x; j < in; j += blockDim.x) {
+        A s = 0;
+        for (int i = 0; i < out; ++i) s += f(i, j);
+        dst[j] += s;
+      }
+    }
+    __syncthreads();
+  }
+  // ------------------------------------------------------------------------------------------------------
+  // Backward pieces (docs/math.md Section 9, per token).
+
+  // Token t's read, reversed: adds dL/dZ_t of every layer into dz (through the link, Eq. 9.3) and writes dq.
+  __device__ void read_backward(int64_t t0, int t, A* const z[], A* const dz[]) const {
+    const int64_t tok = token(t0 + t);
+    A* du = vec(0);
+    A* dh = vec(1);
+    A* dx = vec(2);
+    A* go = vec(3);
+    for (int j = threadIdx.x; j < Dv; j += blockDim.x) go[j] = to_acc(args.grad_o[tok * Dv + j]);
+    __syncthreads();
+    if (threadIdx.x < kWarp) {
+      if (sp.residual) {
+        row_layer_norm_backward(rpre(t, L - 1), go, du, Dv, false);
+        for (int j = threadIdx.x; j < Dv; j += kWarp) dx[j] = go[j];
+      } else {
+        for (int j = threadIdx.x; j < Dv; j += kWarp) du[j] = go[j];
+        for (int j = threadIdx.x; j < Dk; j += kWarp) dx[j] = 0;
+      }
+    }
+    __syncthreads();
+    for (int l = L - 1; l >= 0; --l) {
+      const int in = in_of(l), out = out_of(l);
+      const A* zl = z[l];
+      const A* h = rin(t, l);
+      const LinkStats<A> st = link_stats(sp, zl, out, in, rows(l));
+      link_backward_add(sp, st, zl, out, in, [du, h](int i, int j) { return du[i] * h[j]; }, dz[l]);
+      for (int j = threadIdx.x; j < in; j += blockDim.x) {
+        A s = 0;
+        for (int i = 0; i < out; ++i) s += phi(sp, st, zl[int64_t(i) * in + j], i) * du[i];
+        dh[j] = s;
+      }
+      __syncthreads();
+      for (int j = threadIdx.x; j < in; j += blockDim.x) {
+        if (l > 0) {
+          du[j] = dh[j] * act_grad(sp.gelu != 0, rpre(t, l - 1)[j]);
+        } else {
+          dx[j] += dh[j];
+        }
+      }
+      __syncthreads();
+    }
+    for (int j = threadIdx.x; j < Dk; j += blockDim.x) args.dq[tok * Dk + j] = from_acc<T>(A(sp.scale) * dx[j]);
+    __syncthreads();
+  }
+
+  // Token t's step, reversed: dz holds dL/dZ_t (ds dL/dS_t from later tokens); writes the gradients of its
+  // deltas and layer inputs (of G_t = d a^T) and adds its gate gradients; leaves dL/dZ_{t-1}, dL/dS_{t-1}.
+  __device__ void update_backward(int t, const A* const zp[], const A* const spv[], A* const dz[],
+                                  A* const ds[]) const {
+    const A* e = gate(kLr, t);
+    const A* al = gate(kAlpha, t);
+    const A* m = gate(kMom, t);
+    A* de = dgate(kLr, t);
+    A* dal = dgate(kAlpha, t);
+    A* dm = dgate(kMom, t);
+    const bool mo = sp.momentum != 0;
+    for (int l = 0; l < L; ++l) {
+      const int in = in_of(l), out = out_of(l), side = sp.side(l);
+      const A* d = deltas(t, l);
+      const A* a = acts(t, l);
+      const A* Z = zp[l];
+      const A* S = mo ? spv[l] : nullptr;
+      A* gz = dz[l];
+      A* gs = mo ? ds[l] : nullptr;
+      // X = dL/dS_t with momentum (all of dL/dZ_t flows into S_t too), else dL/dZ_t: G_t's upstream.
+      auto X = [&](int64_t x) { return mo ? gs[x] + gz[x] : gz[x]; };
+      A p_alpha = 0, p_mom = 0, p_lr = 0;  // per-head partial sums
+      const int lane = threadIdx.x % kWarp;
+      for (int i = threadIdx.x / kWarp; i < out; i += kMemoryWarps) {
+        A rz = 0, rs = 0, rx = 0;
+        for (int j = lane; j < in; j += kWarp) {
+          const int64_t x = int64_t(i) * in + j;
+          rx += X(x) * a[j] * (side == 1 ? e[j] : A(1));
+          if (side == 0) {
+            rz += gz[x] * Z[x];
+            if (mo) rs += X(x) * S[x];
+          }
+        }
+        rx = warp_sum(rx);
+        rz = warp_sum(rz);
+        rs = warp_sum(rs);
+        if (lane == 0) {
+          dd(t, l)[i] = -(side == 0 ? e[sp.per_channel ? i : 0] : A(1)) * rx;
+          if (side == 0 && sp.per_channel) {
+            dal[i] += rz;
+            dm[i] += rs;
+            de[i] -= d[i] * rx;
+          } else if (side == 0) {
+            p_alpha += rz;
+            p_mom += rs;
+            p_lr -= d[i] * rx;
+          }
+        }
+      }
+      for (int j = threadIdx.x; j < in; j += blockDim.x) {
+        A cx = 0, cz = 0, cs = 0;
+        for (int i = 0; i < out; ++i) {
+          const int64_t x = int64_t(i) * in + j;
+          cx += X(x) * d[i] * (side == 0 ? e[sp.per_channel ? i : 0] : A(1));
+          if (side == 1) {
+            cz += gz[x] * Z[x];
+            if (mo) cs += X(x) * S[x];
+          }
+        }
+        da(t, l)[j] = -(side == 1 ? e[j] : A(1)) * cx;
+        if (side == 1) {
+          dal[j] += cz;
+          dm[j] += cs;
+          de[j] -= a[j] * cx;
+        }
+      }
+      if (!sp.per_channel) {
+        p_alpha = block_sum(p_alpha);
+        p_mom = block_sum(p_mom);
+        p_lr = block_sum(p_lr);
+        if (threadIdx.x == 0) {
+          dal[0] += p_alpha;
+          dm[0] += p_mom;
+          de[0] += p_lr;
+        }
+      }
+      __syncthreads();
+      for (int64_t x = threadIdx.x; x < sp.size(l); x += blockDim.x) {
+        const int c = channel(l, int(x / in), int(x % in));
+        if (mo) gs[x] = m[c] * (gs[x] + gz[x]);
+        gz[x] *= al[c];
+      }
+      __syncthreads();
+    }
+  }
+
+  // The gradients at the anchor, reversed (Eq. 9.4): from dd / da of every token to dk, dv, ddelta, the
+  // anchor weights (dwb) and, with grad_at_retained, A_t.
+  __device__ void anchor_backward(int64_t t0, int n, const A* const wb[], A* dwb) const {
+    for (int64_t e = threadIdx.x; e < W; e += blockDim.x) dwb[e] = 0;
+    for (int p = threadIdx.x; p < n * outs; p += blockDim.x) ws[lay.dpre + p] = 0;
+    __syncthreads();
+    for (int l = 1; l < L; ++l) {  // deltas[l-1] = (deltas[l] W_l) s'(pre[l-1]) (Eq. 5.4)
+      const int in = in_of(l), out = out_of(l);
+      for (int p = threadIdx.x; p < n * in; p += blockDim.x) {
+        const int t = p / in, j = p % in;
+        const A u = pre(t, l - 1)[j], g = dd(t, l - 1)[j];
+        tmp(t, l - 1)[j] = g * act_grad(sp.gelu != 0, u);
+        dpre(t, l - 1)[j] += g * back(t, l)[j] * act_grad2(sp.gelu != 0, u);
+      }
+      __syncthreads();
+      rows_product(n, out, in, dense(wb[l], in), [&](int t) { return tmp(t, l - 1); }, [&](int t) { return dd(t, l); },
+                   true);
+      outer_accumulate(n, l, dwb + woff[l], [&](int t) { return deltas(t, l); }, [&](int t) { return tmp(t, l - 1); });
+    }
+    for (int t = threadIdx.x / kWarp; t < n; t += kMemoryWarps) {
+      const int64_t tok = token(t0 + t);
+      A* dg = dd(t, L - 1);
+      if (sp.residual) {  // dg <- d/dg, dpre += d/du of LN's backward
+        row_layer_norm_double_backward(pre(t, L - 1), gv(t), dd(t, L - 1), tmp(t, L - 1), dpre(t, L - 1), Dv);
+        dg = tmp(t, L - 1);
+        __syncwarp();
+      }
+      A* gy = gv(t);  // g is no longer needed: reuse it for dl/dy
+      A* gd = nullptr;
+      if (sp.delta_layout != DeltaLayout::none) {
+        gd = args.ddelta + tok * (sp.delta_layout == DeltaLayout::per_channel ? Dv : 1);
+      }
+      row_bias_backward(bp, sp.delta_layout, dg, yv(t), args.v + tok * Dv, delta_ptr(tok), gy, args.dv + tok * Dv, gd,
+                        Dv);
+      __syncwarp();
+      if (sp.residual) {
+        row_layer_norm_backward(pre(t, L - 1), gy, dpre(t, L - 1), Dv, true);
+      } else {
+        for (int j = threadIdx.x % kWarp; j < Dv; j += kWarp) dpre(t, L - 1)[j] += gy[j];
+      }
+    }
+    __syncthreads();
+    for (int l = L - 1; l >= 0; --l) {
+      const int in = in_of(l), out = out_of(l);
+      if (sp.retained) {  // u = (a W^T) A_t (Eq. 5.2)
+        for (int t = threadIdx.x / kWarp; t < n; t += kMemoryWarps) {
+          const int lane = threadIdx.x % kWarp;
+          A part = 0;
+          for (int i = lane; i < out; i += kWarp) {
+            A raw = 0;
+            for (int j = 0; j < in; ++j) raw += wb[l][int64_t(i) * in + j] * acts(t, l)[j];
+            const A g = dpre(t, l)[i];
+            if (sp.per_channel) {
+              dgate(kCum, t)[i] += g * raw;
+            } else {
+              part += g * raw;
+            }
+            dpre(t, l)[i] = g * gate(kCum, t)[sp.per_channel ? i : 0];
+          }
+          part = warp_sum(part);
+          if (lane == 0 && !sp.per_channel) dgate(kCum, t)[0] += part;
+        }
+        __syncthreads();
+      }
+      outer_accumulate(n, l, dwb + woff[l], [&](int t) { return dpre(t, l); }, [&](int t) { return acts(t, l); });
+      cols_product(n, out, in, dense(wb[l], in), [&](int t) { return dpre(t, l); }, [&](int t) { return da(t, l); },
+                   true);
+      if (l > 0) {
+        for (int p = threadIdx.x; p < n * in; p += blockDim.x) {
+          const int t = p / in, j = p % in;
+          dpre(t, l - 1)[j] += da(t, l)[j] * act_grad(sp.gelu != 0, pre(t, l - 1)[j]);
+        }
+        __syncthreads();
+      }
+    }
+    for (int p = threadIdx.x; p < n * Dk; p += blockDim.x) {
+      const int t = p / Dk, j = p % Dk;
+      const A g = da(t, 0)[j] + (sp.residual ? gv(t)[j] : A(0));
+      args.dk[token(t0 + t) * Dk + j] = from_acc<T>(g);
+    }
+    __syncthreads();
+  }
+
+  // Gate gradients of the run's tokens: A_t = prod_{s <= t} alpha_s passes dL/dA_t on to each alpha_s
+  // without dividing by alpha (R_s = dA_s + alpha_{s+1} R_{s+1}; dalpha_s += A_{s-1} R_s).
+  __device__ void write_gate_grads(int64_t t0, int n) const {
+    for (int c = threadIdx.x; c < Dg; c += blockDim.x) {
+      A R = 0;
+      for (int t = n - 1; t >= 0; --t) {
+        R = dgate(kCum, t)[c] + (t + 1 < n ? gate(kAlpha, t + 1)[c] * R : A(0));
+        const int64_t g = token(t0 + t) * Dg + c;
+        args.dlr[g] = dgate(kLr, t)[c];
+        if (sp.has_alpha) args.dalpha[g] = dgate(kAlpha, t)[c] + (t > 0 ? gate(kCum, t - 1)[c] : A(1)) * R;
+        if (sp.momentum) args.dmom[g] = dgate(kMom, t)[c];
+      }
+    }
+    __syncthreads();
+  }
+};
+
+// ---------------------------------------------------------------------------------------------------------
+
+template <typename T, typename A>
+__global__ void __launch_bounds__(kMemoryThreads, 1) memory_forward_kernel(MemoryArgs<T, A> args) {
+  const MemoryBlock<T, A> blk(args, false);
+  const KernelSpec& sp = args.spec;
+  const int L = sp.layers;
+  A* mem[kMaxLayers];
+  A* mom[kMaxLayers];
+  A* anc[kMaxLayers];
+  for (int l = 0; l < L; ++l) {
+    mem[l] = args.memory[l] + blk.state_row(l);
+    mom[l] = sp.momentum ? args.momentum[l] + blk.state_row(l) : nullptr;
+    anc[l] = args.anchor[l] + blk.state_row(l);
+  }
+  for (int64_t r = args.seq_begin[blk.seq]; r < args.seq_begin[blk.seq + 1]; ++r) {
+    const RunDesc run = args.runs[r];
+    const int n = run.len;
+    for (int l = 0; l < L; ++l) {
+      for (int64_t e = threadIdx.x; e < sp.size(l); e += blockDim.x) {
+        if (run.fresh) anc[l][e] = mem[l][e];  // Eq. 5.6
+        if (args.ck_memory[0] != nullptr) {
+          const int64_t row = blk.ck_row(l, run.ck_row);
+          args.ck_memory[l][row + e] = mem[l][e];
+          args.ck_anchor[l][row + e] = run.fresh ? mem[l][e] : anc[l][e];
+          if (sp.momentum) args.ck_momentum[l][row + e] = mom[l][e];
+        }
+      }
+    }
+    __syncthreads();
+    blk.load_gates(run.token0, n);
+    const A* wb[kMaxLayers];
+    blk.anchor_weights(anc, wb);
+    blk.anchor_pass(run.token0, n, wb);
+    for (int t = 0; t < n; ++t) {
+      blk.token_update(t, mem, mem, mom, mom);
+      blk.token_read(run.token0, t, mem, true);
+    }
+    if (sp.retained) blk.scale_by_cum(n - 1, anc);
+    __syncthreads();
+  }
+}
+
+template <typename T, typename A>
+__global__ void __launch_bounds__(kMemoryThreads, 1) memory_backward_kernel(MemoryArgs<T, A> args) {
+  const MemoryBlock<T, A> blk(args, true);
+  const KernelSpec& sp = args.spec;
+  const int L = sp.layers;
+  A* gmem[kMaxLayers];
+  A* gmom[kMaxLayers];
+  A* ganc[kMaxLayers];
+  for (int l = 0; l < L; ++l) {
+    gmem[l] = args.memory[l] + blk.state_row(l);
+    gmom[l] = sp.momentum ? args.momentum[l] + blk.state_row(l) : nullptr;
+    ganc[l] = args.anchor[l] + blk.state_row(l);
+  }
+  for (int64_t r = args.seq_begin[blk.seq + 1] - 1; r >= args.seq_begin[blk.seq]; --r) {
+    const RunDesc run = args.runs[r];
+    const int n = run.len;
+    // The run's start state (its checkpoint), then Z_t (and S_t) after every token.
+    A* z0[kMaxLayers];
+    A* s0[kMaxLayers];
+    A* anc[kMaxLayers];
+    for (int l = 0; l < L; ++l) {
+      const int64_t row = blk.ck_row(l, run.ck_row);
+      z0[l] = args.ck_memory[l] + row;
+      s0[l] = sp.momentum ? args.ck_momentum[l] + row : nullptr;
+      anc[l] = args.ck_anchor[l] + row;
+    }
+    blk.load_gates(run.token0, n);
+    for (int p = threadIdx.x; p < 4 * blk.max_run() * blk.Dg; p += blockDim.x) blk.ws[blk.lay.dgates + p] = 0;
+    const A* wb[kMaxLayers];
+    blk.anchor_weights(anc, wb);
+    blk.anchor_pass(run.token0, n, wb);
+    auto at = [&](int t, A* const start[], bool momentum, A* out[]) {
+      for (int l = 0; l < L; ++l) {
+        out[l] = t < 0 ? start[l] : (momentum ? blk.mom_t(t) : blk.state_t(t)) + blk.woff[l];
+      }
+    };
+    for (int t = 0; t < n; ++t) {
+      A* zs[kMaxLayers];
+      A* zd[kMaxLayers];
+      A* ss[kMaxLayers] = {};
+      A* sd[kMaxLayers] = {};
+      at(t - 1, z0, false, zs);
+      at(t, z0, false, zd);
+      if (sp.momentum) {
+        at(t - 1, s0, true, ss);
+        at(t, s0, true, sd);
+      }
+      blk.token_update(t, zs, zd, ss, sd);
+      blk.token_read(run.token0, t, zd, false);
+    }
+    for (int t = n - 1; t >= 0; --t) {
+      A* zt[kMaxLayers];
+      A* zp[kMaxLayers];
+      A* sp_[kMaxLayers] = {};
+      at(t, z0, false, zt);
+      at(t - 1, z0, false, zp);
+      if (sp.momentum) at(t - 1, s0, true, sp_);
+      blk.read_backward(run.token0, t, zt, gmem);
+      blk.update_backward(t, zp, sp_, gmem, gmom);
+    }
+    A* dwb = blk.ws + blk.lay.dwb;
+    blk.anchor_backward(run.token0, n, wb, dwb);
+    for (int l = 0; l < L; ++l) {
+      if (sp.retained) {  // the run ended with anchor A_n (Eq. 5.2)
+        blk.gate_reduce_add(l, [&](int i, int j) { return ganc[l][int64_t(i) * sp.dims[l] + j] * anc[l][int64_t(i) * sp.dims[l] + j]; },
+                            blk.dgate(kCum, n - 1));
+      }
+    }
+    if (sp.retained) blk.scale_by_cum(n - 1, ganc);
+    for (int l = 0; l < L; ++l) {
+      const int in = sp.dims[l], out = sp.dims[l + 1];
+      const A* g = dwb + blk.woff[l];
+      const LinkStats<A> st = link_stats(sp, anc[l], out, in, blk.rows(l));
+      link_backward_add(sp, st, anc[l], out, in, [g, in](int i, int j) { return g[int64_t(i) * in + j]; }, ganc[l]);
+    }
+    blk.write_gate_grads(run.token0, n);
+    if (run.fresh) {  // the run began with anchor = memory (Eq. 5.6)
+      for (int l = 0; l < L; ++l) {
+        for (int64_t e = threadIdx.x; e < sp.size(l); e += blockDim.x) {
+          gmem[l][e] += ganc[l][e];
+          ganc[l][e] = 0;
+        }
+      }
+      __syncthreads();
+    }
+  }
+}
+
+}  // namespace miras::cuda
