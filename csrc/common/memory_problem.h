@@ -12,6 +12,7 @@
 #include <c10/core/DeviceType.h>
 
 #include <optional>
+#include <tuple>
 #include <vector>
 
 #include "common/memory_params.h"
@@ -19,6 +20,13 @@
 namespace miras {
 
 using TensorVec = std::vector<at::Tensor>;
+
+// What the ops return (csrc/ops.cpp): forward o, memory, momentum, anchor, new position, checkpoints; backward
+// the gradients of q, k, v, lr, alpha, momentum, delta (empty [0] tensors for absent gates) and of the
+// initial memory, momentum and anchor.
+using FwdResult = std::tuple<at::Tensor, TensorVec, TensorVec, TensorVec, at::Tensor, TensorVec>;
+using BwdResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                             TensorVec, TensorVec, TensorVec>;
 
 struct Problem {
   MemoryParams mp;

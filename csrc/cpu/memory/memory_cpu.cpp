@@ -160,8 +160,6 @@ at::Tensor add_defined(const at::Tensor& a, const at::Tensor& b) {
 // ------------------------------------------------------------------------------------------------
 // Forward.
 
-using FwdResult = std::tuple<at::Tensor, TensorVec, TensorVec, TensorVec, at::Tensor, TensorVec>;
-
 FwdResult memory_chunk_fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& lr,
                                const std::optional<at::Tensor>& alpha, const std::optional<at::Tensor>& momentum,
                                const std::optional<at::Tensor>& delta, at::TensorList memory,
@@ -219,9 +217,6 @@ FwdResult memory_chunk_fwd_cpu(const at::Tensor& q, const at::Tensor& k, const a
 
 // ------------------------------------------------------------------------------------------------
 // Backward.
-
-using BwdResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
-                             TensorVec, TensorVec, TensorVec>;
 
 BwdResult memory_chunk_bwd_cpu(const at::Tensor& grad_o, at::TensorList grad_memory, at::TensorList grad_momentum,
                                at::TensorList grad_anchor, const at::Tensor& q, const at::Tensor& k,
