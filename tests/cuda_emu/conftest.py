@@ -8,6 +8,7 @@ DRIVERS = {
     "checks": ("emu_checks", ()),
     "checks_ucontext": ("emu_checks", ("-DEMU_USE_UCONTEXT",)),
     "warp": ("warp_semantics", ()),
+    "memory": ("memory_driver", ()),
 }
 
 
