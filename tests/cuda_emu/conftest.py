@@ -9,6 +9,7 @@ DRIVERS = {
     "checks_ucontext": ("emu_checks", ("-DEMU_USE_UCONTEXT",)),
     "warp": ("warp_semantics", ()),
     "memory": ("memory_driver", ()),
+    "tile_mma": ("tile_mma_driver", ()),
 }
 
 

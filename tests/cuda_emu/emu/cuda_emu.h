@@ -36,6 +36,7 @@
 
 #include "runtime.h"
 #include "device_api.h"
+#include "wmma.h"
 
 #define EMU_CUDA 1
 
