@@ -10,7 +10,7 @@
 namespace miras::cuda {
 
 constexpr int kMaxLayers = 4;       // MLP layers the kernels take
-constexpr int kMemoryThreads = 256;  // threads per block: one block per (sequence, head)
+constexpr int kMemoryThreads = 256;  // threads per block; a block runs one (sequence, head) pair at a time
 
 enum class Link : int32_t { identity, lq, kl, elastic_net, sigmoid };  // W = phi(Z), Eqs. 3.1, 3.5-3.8
 
@@ -60,12 +60,17 @@ struct Workspace {
   int64_t rin, rpre; // read pass inputs / pre-activations [n, sum dims[l]] / [n, sum dims[l + 1]]
   int64_t vec;       // per-token scratch vectors [4, widest]
   int64_t rows;      // per-row link statistics [2, sum dims[l + 1]]
+  int64_t dual;      // factored runs (Eq. 5.12), per layer: d~ [n, out], the read's u / A [n, out], a~ [n, in],
+                     // the read's inputs (A-scaled on gated columns) [n, in], masked products [n, n]
+  int64_t scratch;   // one product's output [max(n * max(widest, n), |W|)]
   // Backward only.
   int64_t states;    // Z_t (then S_t with momentum) after each token [n, |W|] (x2 with momentum)
   int64_t dwb;       // gradient of phi(anchor) [|W|]
   int64_t dd, dpre, tmp;  // gradients of deltas / of pre-activations, and scratch [n, sum dims[l + 1]] each
   int64_t da;        // gradients of layer inputs [n, sum dims[l]]
   int64_t dgates;    // gradients of lr, alpha, momentum and A_t [4, n, Dg]
+  int64_t dual_bwd;  // factored runs: upstream, input gradient, dx, and the d~ / a~ / product gradients
+                     // [6, n, widest] and [n, n]
   int64_t total;
 };
 
@@ -95,6 +100,9 @@ MIRAS_HD Workspace workspace_layout(const KernelSpec& s, int64_t n, bool backwar
   w.rpre = take(n * outs);
   w.vec = take(4 * int64_t(s.widest()));
   w.rows = take(2 * outs);
+  w.dual = take(n * (2 * outs + 2 * ins) + int64_t(s.layers) * n * n);
+  const int64_t wide = n * (n > s.widest() ? n : s.widest());
+  w.scratch = take(wide > W ? wide : W);
   if (backward) {
     w.states = take(n * W * (s.momentum ? 2 : 1));
     w.dwb = take(W);
@@ -103,6 +111,7 @@ MIRAS_HD Workspace workspace_layout(const KernelSpec& s, int64_t n, bool backwar
     w.tmp = take(n * outs);
     w.da = take(n * ins);
     w.dgates = take(4 * n * s.dg());
+    w.dual_bwd = take(6 * n * s.widest() + n * n);
   }
   w.total = at;
   return w;
@@ -126,7 +135,8 @@ struct MemoryArgs {
   A* ck_memory[kMaxLayers] = {};  // null: no checkpoints (forward); read by the backward
   A* ck_momentum[kMaxLayers] = {};
   A* ck_anchor[kMaxLayers] = {};
-  A* work = nullptr;  // [N * H, workspace_layout(...).total]
+  int64_t items = 0;  // N * H (sequence, head) pairs; block b takes pairs b, b + gridDim.x, ...
+  A* work = nullptr;  // [gridDim.x, workspace_layout(...).total]: one workspace per block, not per pair
   int64_t work_stride = 0;
   int64_t max_run = 0;  // Schedule::max_len, the n of workspace_layout
   // Forward output.

@@ -7,6 +7,7 @@
 // contiguous; gates and delta are converted to contiguous tensors in the accumulation dtype (float64 for
 // float64 q, else float32), as are the states [N*H, *shape] that the kernels update in place.
 #include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/util/Exception.h>
@@ -14,6 +15,7 @@
 #include <cuda_fp16.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstring>
 #include <limits>
 #include <optional>
@@ -100,7 +102,8 @@ struct Call {
   at::Tensor q, k, v;                         // contiguous, q's dtype
   at::Tensor lr, alpha, momentum, delta;      // contiguous, compute dtype (undefined when absent)
   at::Tensor device_schedule;                 // runs, seq_begin and batch packed as int64 on the device
-  at::Tensor work;                            // [N*H, workspace total] in the compute dtype
+  at::Tensor work;                            // [grid, workspace total] in the compute dtype
+  int64_t grid = 0;                           // blocks launched; each runs pairs b, b + grid, ... of N*H
   TensorVec memory, momentum_state, anchor;   // [N*H, *shape], updated in place by the kernels
   Checkpoints ck;                             // flattened [S_max*H, *shape]; empty: none
   bool launch = false;                        // some block has a run
@@ -143,7 +146,11 @@ Call prepare(const Problem& P, const at::Tensor& q, const at::Tensor& k, const a
   if (c.launch) {
     c.device_schedule = upload_schedule(c.schedule, P.device);
     const int64_t total = cuda::workspace_layout(c.spec, c.schedule.max_len, backward).total;
-    c.work = at::empty({P.N * P.H, total}, P.options());
+    // Two waves of one block per multiprocessor (the kernels' register use allows one): enough to balance
+    // uneven sequences, while the workspace stays bounded whatever N * H is.
+    const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+    c.grid = std::min<int64_t>(P.N * P.H, 2 * sms);
+    c.work = at::empty({c.grid, total}, P.options());
   }
   return c;
 }
@@ -188,6 +195,7 @@ MemoryArgs<T, A> kernel_args(const Problem& P, const Call& c) {
   set_list(a.ck_momentum, c.ck.momentum);
   set_list(a.ck_anchor, c.ck.anchor);
   set(a.work, c.work);
+  a.items = P.N * P.H;
   a.work_stride = c.work.size(1);
   a.max_run = c.schedule.max_len;
   return a;
@@ -224,9 +232,9 @@ void run_kernels(const Problem& P, const Call& c, bool backward, Fill&& fill) {
     MemoryArgs<T, A> args = kernel_args<T, A>(P, c);
     fill(args);
     if (backward) {
-      cuda::launch_memory_backward<T, A>(args, P.N * P.H, stream);
+      cuda::launch_memory_backward<T, A>(args, c.grid, stream);
     } else {
-      cuda::launch_memory_forward<T, A>(args, P.N * P.H, stream);
+      cuda::launch_memory_forward<T, A>(args, c.grid, stream);
     }
   });
 }

@@ -1,5 +1,5 @@
 // CUDA kernels of miras_ext::memory_chunk_fwd / memory_chunk_bwd (docs/math.md Sections 4-5 and 9; docs/cuda.md
-// for the design). One block per (sequence, head) walks that sequence's runs of tokens sharing an anchor
+// for the design). A block takes one (sequence, head) pair at a time and walks its runs of tokens sharing an anchor
 // (Eq. 5.6). Within a run the gradients at the anchor are taken for all tokens at once (Eqs. 5.1-5.5);
 // the state then advances token by token, Z_t = alpha_t Z_{t-1} - eta_t G_t or, with momentum,
 // S_t = m_t S_{t-1} - eta_t G_t, Z_t = alpha_t Z_{t-1} + S_t (the recurrences that Eqs. 5.8-5.9 sum), and
@@ -14,6 +14,7 @@
 #include <type_traits>
 
 #include "cuda/acc_types.cuh"
+#include "cuda/memory/block_gemm.cuh"
 #include "cuda/memory/block_ops.cuh"
 #include "cuda/memory/link.cuh"
 #include "cuda/memory/memory_args.h"
@@ -46,9 +47,9 @@ struct MemoryBlock {
   A* ws;
   BiasParams<A> bp;
 
-  __device__ MemoryBlock(const MemoryArgs<T, A>& a, bool backward) : args(a), sp(a.spec) {
-    seq = blockIdx.x / a.H;
-    head = blockIdx.x % a.H;
+  __device__ MemoryBlock(const MemoryArgs<T, A>& a, bool backward, int64_t item) : args(a), sp(a.spec) {
+    seq = item / a.H;
+    head = item % a.H;
     batch = a.batch[seq];
     L = sp.layers;
     Dk = sp.dims[0];
@@ -577,13 +578,281 @@ struct MemoryBlock {
     }
     __syncthreads();
   }
+  // ------------------------------------------------------------------------------------------------------
+  // Factored runs (Eq. 5.12): with W = Z and no momentum, every read of a run and its end state are masked
+  // matrix products of the factors, so they run as chunk-level products (tensor cores for 16-bit inputs)
+  // instead of a token loop. Runs whose smallest A_t could make 1 / A_t overflow take the token loop.
+
+  __device__ bool factored_run(int n) const {
+    if (sp.link != Link::identity || sp.momentum) return false;
+    A low = 1;
+    for (int p = threadIdx.x; p < n * Dg; p += blockDim.x) {
+      const A x = gate(kCum, p / Dg)[p % Dg];
+      low = x < low ? x : low;
+    }
+    // Same floor as the CPU op: 1 / A_t stays far from overflow.
+    const A floor = sizeof(A) == 8 ? A(1e-200) : A(1e-20);
+    return block_sum(A(low > floor ? 0 : 1)) == A(0);
+  }
+
+  // Per-layer buffers of a factored run: d~ [n, out], v = u / A [n, out], a~ [n, in], hs [n, in], S [n, n].
+  __device__ A* f_d(int n, int l) const { return ws + lay.dual + int64_t(n) * outoff[l]; }
+  __device__ A* f_v(int n, int l) const { return ws + lay.dual + int64_t(n) * (outs + outoff[l]); }
+  __device__ A* f_a(int n, int l) const { return ws + lay.dual + int64_t(n) * (2 * outs + insoff[l]); }
+  __device__ A* f_h(int n, int l) const { return ws + lay.dual + int64_t(n) * (2 * outs + ins + insoff[l]); }
+  __device__ A* f_s(int n, int l) const { return ws + lay.dual + int64_t(n) * (2 * outs + 2 * ins) + int64_t(l) * n * n; }
+  __device__ A* scratch() const { return ws + lay.scratch; }
+  __device__ A et(int t, int c) const { return gate(kLr, t)[c] / gate(kCum, t)[c]; }  // e~ = eta / A
+
+  __device__ void gemm(const A* a, int lda, bool at, const A* b, int ldb, bool bt, A* c, int ldc, int M, int N, int K,
+                       bool accumulate, bool negate) const {
+    block_gemm<T, A>(a, lda, at, b, ldb, bt, c, ldc, M, N, K, accumulate, negate, scratch());
+  }
+
+  // Zero the entries of S [n, n] above the diagonal (only tokens i <= t reach token t).
+  __device__ void mask_upper(int n, A* S) const {
+    for (int p = threadIdx.x; p < n * n; p += blockDim.x) {
+      if (p % n > p / n) S[p] = 0;
+    }
+    __syncthreads();
+  }
+
+  // The factored read of every token (Eqs. 5.10, 5.12), layer by layer; z0 the run's start state. Keeps
+  // d~, a~, the A-scaled inputs, S and u / A per layer for the backward; writes o when `write`.
+  __device__ void factored_read(int64_t t0, int n, const A* const z0[], bool write) const {
+    for (int p = threadIdx.x; p < n * Dk; p += blockDim.x) {
+      rin(p / Dk, 0)[p % Dk] = A(sp.scale) * to_acc(args.q[token(t0 + p / Dk) * Dk + p % Dk]);
+    }
+    __syncthreads();
+    for (int l = 0; l < L; ++l) {
+      const int in = in_of(l), out = out_of(l), side = sp.side(l);
+      A* fd = f_d(n, l);
+      A* fa = f_a(n, l);
+      A* fh = f_h(n, l);
+      A* S = f_s(n, l);
+      A* v = f_v(n, l);
+      for (int p = threadIdx.x; p < n * out; p += blockDim.x) {
+        const int t = p / out, i = p % out;
+        fd[p] = deltas(t, l)[i] * (side == 0 ? et(t, sp.per_channel ? i : 0) : A(1));
+      }
+      for (int p = threadIdx.x; p < n * in; p += blockDim.x) {
+        const int t = p / in, j = p % in;
+        fa[p] = acts(t, l)[j] * (side == 1 ? et(t, j) : A(1));
+        fh[p] = rin(t, l)[j] * (side == 1 ? gate(kCum, t)[j] : A(1));
+      }
+      __syncthreads();
+      gemm(fh, in, false, fa, in, true, S, n, n, n, in, false, false);  // S = hs a~^T
+      mask_upper(n, S);
+      gemm(fh, in, false, z0[l], in, true, v, out, n, out, in, false, false);  // hs Z0^T
+      gemm(S, n, false, fd, out, false, v, out, n, out, n, true, true);        // - S d~
+      for (int p = threadIdx.x; p < n * out; p += blockDim.x) {
+        const int t = p / out, i = p % out;
+        const A u = v[p] * (side == 0 ? gate(kCum, t)[sp.per_channel ? i : 0] : A(1));
+        rpre(t, l)[i] = u;
+        if (l + 1 < L) rin(t, l + 1)[i] = act(sp.gelu != 0, u);
+      }
+      __syncthreads();
+    }
+    if (!write) return;
+    for (int t = threadIdx.x / kWarp; t < n; t += kMemoryWarps) {
+      const A* u = rpre(t, L - 1);
+      const A* x = rin(t, 0);
+      T* o = args.o + token(t0 + t) * Dv;
+      if (sp.residual) {
+        const RowNorm<A> nrm = row_norm(u, Dv);
+        for (int j = threadIdx.x % kWarp; j < Dv; j += kWarp) o[j] = from_acc<T>(x[j] + (u[j] - nrm.mean) * nrm.rstd);
+      } else {
+        for (int j = threadIdx.x % kWarp; j < Dv; j += kWarp) o[j] = from_acc<T>(u[j]);
+      }
+    }
+    __syncthreads();
+  }
+
+  // End state of a factored run in place: Z <- A_n (Z - d~^T a~).
+  __device__ void factored_end(int n, A* const z[]) const {
+    for (int l = 0; l < L; ++l) {
+      gemm(f_d(n, l), out_of(l), true, f_a(n, l), in_of(l), false, z[l], in_of(l), out_of(l), in_of(l), n, true, true);
+    }
+    scale_by_cum(n - 1, z);
+  }
+
+  // Per-token channel sums: dst(t)[c] += f(t, x) over x < width, with c = x per channel (width = Dg), else 0.
+  template <typename F>
+  __device__ void channel_add(int n, int width, int kind, F f) const {
+    if (sp.per_channel) {
+      for (int p = threadIdx.x; p < n * width; p += blockDim.x) dgate(kind, p / width)[p % width] += f(p / width, p % width);
+    } else {
+      const int lane = threadIdx.x % kWarp;
+      for (int t = threadIdx.x / kWarp; t < n; t += kMemoryWarps) {
+        A s = 0;
+        for (int x = lane; x < width; x += kWarp) s += f(t, x);
+        s = warp_sum(s);
+        if (lane == 0) dgate(kind, t)[0] += s;
+      }
+    }
+    __syncthreads();
+  }
+
+  // Gradients of the factors d~ = e~ d, a~ = a (rows) or d~ = d, a~ = e~ a (columns) of layer l, [n, out]
+  // and [n, in], passed on to e~ (accumulated in dgate(kLr) until factored_gates), dd and da.
+  __device__ void add_factored_grads(int n, int l, const A* gd, const A* ga) const {
+    const int in = in_of(l), out = out_of(l), side = sp.side(l);
+    if (side == 0) {
+      channel_add(n, out, kLr, [&](int t, int i) { return gd[t * out + i] * deltas(t, l)[i]; });
+    } else {
+      channel_add(n, in, kLr, [&](int t, int j) { return ga[t * in + j] * acts(t, l)[j]; });
+    }
+    for (int p = threadIdx.x; p < n * out; p += blockDim.x) {
+      const int t = p / out, i = p % out;
+      dd(t, l)[i] += gd[p] * (side == 0 ? et(t, sp.per_channel ? i : 0) : A(1));
+    }
+    for (int p = threadIdx.x; p < n * in; p += blockDim.x) {
+      const int t = p / in, j = p % in;
+      da(t, l)[j] += ga[p] * (side == 1 ? et(t, j) : A(1));
+    }
+    __syncthreads();
+  }
+
+  // Backward of a factored run's end state and reads (Eqs. 9.1-9.2 factored); gz holds dL/dZ_n on entry and
+  // dL/dZ_0 on exit; dd / da / dgate are accumulated.
+  __device__ void factored_backward(int64_t t0, int n, const A* const z0[], A* const gz[]) const {
+    const int wide = sp.widest();
+    A* gu = ws + lay.dual_bwd;                 // upstream of the layer's pre-activations [n, wide]
+    A* gh = gu + int64_t(n) * wide;            // gradient of the layer's inputs [n, wide]
+    A* gx = gh + int64_t(n) * wide;            // gradient of scale q [n, Dk]
+    A* gdt = gx + int64_t(n) * wide;           // gradient of d~ [n, out]
+    A* gat = gdt + int64_t(n) * wide;          // gradient of a~ [n, in]
+    A* gv = gat + int64_t(n) * wide;           // A-scaled upstream [n, out]
+    A* gS = gv + int64_t(n) * wide;            // gradient of S [n, n]
+    for (int p = threadIdx.x; p < n * outs; p += blockDim.x) ws[lay.dd + p] = 0;
+    for (int p = threadIdx.x; p < n * ins; p += blockDim.x) ws[lay.da + p] = 0;
+    __syncthreads();
+    // End state (9.1): Z_n = A_n (Z_0 - d~^T a~).
+    for (int l = 0; l < L; ++l) {
+      const int in = in_of(l), out = out_of(l);
+      A* u = ws + lay.states;
+      for (int64_t e = threadIdx.x; e < sp.size(l); e += blockDim.x) u[e] = z0[l][e];
+      __syncthreads();
+      gemm(f_d(n, l), out, true, f_a(n, l), in, false, u, in, out, in, n, true, true);
+      gate_reduce_add(l, [&](int i, int j) { return gz[l][int64_t(i) * in + j] * u[int64_t(i) * in + j]; },
+                      dgate(kCum, n - 1));
+    }
+    scale_by_cum(n - 1, gz);
+    for (int l = 0; l < L; ++l) {
+      const int in = in_of(l), out = out_of(l);
+      gemm(f_a(n, l), in, false, gz[l], in, true, gdt, out, n, out, in, false, true);  // -a~ dZ^T
+      gemm(f_d(n, l), out, false, gz[l], in, false, gat, in, n, in, out, false, true);  // -d~ dZ
+      add_factored_grads(n, l, gdt, gat);
+    }
+    // Reads, last layer first (9.2).
+    for (int t = threadIdx.x / kWarp; t < n; t += kMemoryWarps) {
+      const T* go = args.grad_o + token(t0 + t) * Dv;
+      A* g = gu + int64_t(t) * wide;
+      A* x = gx + int64_t(t) * wide;
+      const int lane = threadIdx.x % kWarp;
+      for (int j = lane; j < Dk; j += kWarp) x[j] = sp.residual ? to_acc(go[j]) : A(0);  // residual: Dk = Dv
+      if (sp.residual) {
+        for (int j = lane; j < Dv; j += kWarp) gh[int64_t(t) * wide + j] = to_acc(go[j]);
+        __syncwarp();
+        row_layer_norm_backward(rpre(t, L - 1), gh + int64_t(t) * wide, g, Dv, false);
+      } else {
+        for (int j = lane; j < Dv; j += kWarp) g[j] = to_acc(go[j]);
+      }
+    }
+    __syncthreads();
+    for (int l = L - 1; l >= 0; --l) {
+      const int in = in_of(l), out = out_of(l), side = sp.side(l);
+      const A* fd = f_d(n, l);
+      const A* fa = f_a(n, l);
+      const A* fh = f_h(n, l);
+      const A* S = f_s(n, l);
+      const A* v = f_v(n, l);
+      if (side == 0) {
+        channel_add(n, out, kCum, [&](int t, int i) { return gu[int64_t(t) * wide + i] * v[t * out + i]; });
+        for (int p = threadIdx.x; p < n * out; p += blockDim.x) {
+          const int t = p / out, i = p % out;
+          gv[p] = gu[int64_t(t) * wide + i] * gate(kCum, t)[sp.per_channel ? i : 0];
+        }
+        __syncthreads();
+      } else {
+        for (int p = threadIdx.x; p < n * out; p += blockDim.x) gv[p] = gu[int64_t(p / out) * wide + p % out];
+        __syncthreads();
+      }
+      gemm(gv, out, true, fh, in, false, gz[l], in, out, in, n, true, false);  // dZ_0 += gv^T hs
+      gemm(gv, out, false, fd, out, true, gS, n, n, n, out, false, true);      // dS = -(gv d~^T), masked
+      mask_upper(n, gS);
+      gemm(S, n, true, gv, out, false, gdt, out, n, out, n, false, true);      // dd~ = -S^T gv
+      gemm(gS, n, true, fh, in, false, gat, in, n, in, n, false, false);       // da~ = dS^T hs
+      add_factored_grads(n, l, gdt, gat);
+      gemm(gv, out, false, z0[l], in, false, gh, wide, n, in, out, false, false);  // dhs = gv Z_0 + dS a~
+      gemm(gS, n, false, fa, in, false, gh, wide, n, in, n, true, false);
+      if (side == 1) {
+        channel_add(n, in, kCum, [&](int t, int j) { return gh[int64_t(t) * wide + j] * rin(t, l)[j]; });
+      }
+      for (int p = threadIdx.x; p < n * in; p += blockDim.x) {
+        const int t = p / in, j = p % in;
+        const A g = gh[int64_t(t) * wide + j] * (side == 1 ? gate(kCum, t)[j] : A(1));
+        if (l > 0) {
+          gu[int64_t(t) * wide + j] = g * act_grad(sp.gelu != 0, rpre(t, l - 1)[j]);
+        } else {
+          gx[int64_t(t) * wide + j] += g;
+        }
+      }
+      __syncthreads();
+    }
+    for (int p = threadIdx.x; p < n * Dk; p += blockDim.x) {
+      args.dq[token(t0 + p / Dk) * Dk + p % Dk] = from_acc<T>(A(sp.scale) * gx[int64_t(p / Dk) * wide + p % Dk]);
+    }
+    // e~ = eta / A_t: d eta = de~ / A_t, dA_t -= de~ e~ / A_t (Eq. 5.12).
+    for (int p = threadIdx.x; p < n * Dg; p += blockDim.x) {
+      const int t = p / Dg, c = p % Dg;
+      const A det = dgate(kLr, t)[c], cum = gate(kCum, t)[c];
+      dgate(kLr, t)[c] = det / cum;
+      dgate(kCum, t)[c] -= det * et(t, c) / cum;
+    }
+    __syncthreads();
+  }
+  // Z_t (and S_t) of token t of the run: the checkpoint for t < 0, else the recomputed states.
+  __device__ void states_at(int t, A* const start[], bool momentum, A* out[]) const {
+    for (int l = 0; l < L; ++l) out[l] = t < 0 ? start[l] : (momentum ? mom_t(t) : state_t(t)) + woff[l];
+  }
+
+  // The token loop, reversed (Eq. 9.6): recomputes Z_t (and S_t) for every token of the run from its start
+  // state, then walks the tokens backwards; gz / gs hold dL/dZ_n, dL/dS_n on entry, dL/dZ_0, dL/dS_0 on exit.
+  __device__ void token_backward(int64_t t0, int n, A* const z0[], A* const s0[], A* const gz[],
+                                 A* const gs[]) const {
+    for (int t = 0; t < n; ++t) {
+      A* zs[kMaxLayers];
+      A* zd[kMaxLayers];
+      A* ss[kMaxLayers] = {};
+      A* sd[kMaxLayers] = {};
+      states_at(t - 1, z0, false, zs);
+      states_at(t, z0, false, zd);
+      if (sp.momentum) {
+        states_at(t - 1, s0, true, ss);
+        states_at(t, s0, true, sd);
+      }
+      token_update(t, zs, zd, ss, sd);
+      token_read(t0, t, zd, false);
+    }
+    for (int t = n - 1; t >= 0; --t) {
+      A* zt[kMaxLayers];
+      A* zp[kMaxLayers];
+      A* sp_[kMaxLayers] = {};
+      states_at(t, z0, false, zt);
+      states_at(t - 1, z0, false, zp);
+      if (sp.momentum) states_at(t - 1, s0, true, sp_);
+      read_backward(t0, t, zt, gz);
+      update_backward(t, zp, sp_, gz, gs);
+    }
+  }
 };
 
 // ---------------------------------------------------------------------------------------------------------
 
 template <typename T, typename A>
-__global__ void __launch_bounds__(kMemoryThreads, 1) memory_forward_kernel(MemoryArgs<T, A> args) {
-  const MemoryBlock<T, A> blk(args, false);
+__device__ void forward_item(const MemoryArgs<T, A>& args, int64_t item) {
+  const MemoryBlock<T, A> blk(args, false, item);
   const KernelSpec& sp = args.spec;
   const int L = sp.layers;
   A* mem[kMaxLayers];
@@ -613,9 +882,14 @@ __global__ void __launch_bounds__(kMemoryThreads, 1) memory_forward_kernel(Memor
     const A* wb[kMaxLayers];
     blk.anchor_weights(anc, wb);
     blk.anchor_pass(run.token0, n, wb);
-    for (int t = 0; t < n; ++t) {
-      blk.token_update(t, mem, mem, mom, mom);
-      blk.token_read(run.token0, t, mem, true);
+    if (blk.factored_run(n)) {
+      blk.factored_read(run.token0, n, mem, true);
+      blk.factored_end(n, mem);
+    } else {
+      for (int t = 0; t < n; ++t) {
+        blk.token_update(t, mem, mem, mom, mom);
+        blk.token_read(run.token0, t, mem, true);
+      }
     }
     if (sp.retained) blk.scale_by_cum(n - 1, anc);
     __syncthreads();
@@ -623,8 +897,8 @@ __global__ void __launch_bounds__(kMemoryThreads, 1) memory_forward_kernel(Memor
 }
 
 template <typename T, typename A>
-__global__ void __launch_bounds__(kMemoryThreads, 1) memory_backward_kernel(MemoryArgs<T, A> args) {
-  const MemoryBlock<T, A> blk(args, true);
+__device__ void backward_item(const MemoryArgs<T, A>& args, int64_t item) {
+  const MemoryBlock<T, A> blk(args, true, item);
   const KernelSpec& sp = args.spec;
   const int L = sp.layers;
   A* gmem[kMaxLayers];
@@ -653,34 +927,11 @@ __global__ void __launch_bounds__(kMemoryThreads, 1) memory_backward_kernel(Memo
     const A* wb[kMaxLayers];
     blk.anchor_weights(anc, wb);
     blk.anchor_pass(run.token0, n, wb);
-    auto at = [&](int t, A* const start[], bool momentum, A* out[]) {
-      for (int l = 0; l < L; ++l) {
-        out[l] = t < 0 ? start[l] : (momentum ? blk.mom_t(t) : blk.state_t(t)) + blk.woff[l];
-      }
-    };
-    for (int t = 0; t < n; ++t) {
-      A* zs[kMaxLayers];
-      A* zd[kMaxLayers];
-      A* ss[kMaxLayers] = {};
-      A* sd[kMaxLayers] = {};
-      at(t - 1, z0, false, zs);
-      at(t, z0, false, zd);
-      if (sp.momentum) {
-        at(t - 1, s0, true, ss);
-        at(t, s0, true, sd);
-      }
-      blk.token_update(t, zs, zd, ss, sd);
-      blk.token_read(run.token0, t, zd, false);
-    }
-    for (int t = n - 1; t >= 0; --t) {
-      A* zt[kMaxLayers];
-      A* zp[kMaxLayers];
-      A* sp_[kMaxLayers] = {};
-      at(t, z0, false, zt);
-      at(t - 1, z0, false, zp);
-      if (sp.momentum) at(t - 1, s0, true, sp_);
-      blk.read_backward(run.token0, t, zt, gmem);
-      blk.update_backward(t, zp, sp_, gmem, gmom);
+    if (blk.factored_run(n)) {
+      blk.factored_read(run.token0, n, z0, false);
+      blk.factored_backward(run.token0, n, z0, gmem);
+    } else {
+      blk.token_backward(run.token0, n, z0, s0, gmem, gmom);
     }
     A* dwb = blk.ws + blk.lay.dwb;
     blk.anchor_backward(run.token0, n, wb, dwb);
@@ -708,6 +959,18 @@ __global__ void __launch_bounds__(kMemoryThreads, 1) memory_backward_kernel(Memo
       __syncthreads();
     }
   }
+}
+
+// Each block takes (sequence, head) pairs blockIdx.x, blockIdx.x + gridDim.x, ... with its own workspace,
+// so the host bounds the workspace by the grid rather than by N * H.
+template <typename T, typename A>
+__global__ void __launch_bounds__(kMemoryThreads, 1) memory_forward_kernel(MemoryArgs<T, A> args) {
+  for (int64_t item = blockIdx.x; item < args.items; item += gridDim.x) forward_item(args, item);
+}
+
+template <typename T, typename A>
+__global__ void __launch_bounds__(kMemoryThreads, 1) memory_backward_kernel(MemoryArgs<T, A> args) {
+  for (int64_t item = blockIdx.x; item < args.items; item += gridDim.x) backward_item(args, item);
 }
 
 }  // namespace miras::cuda

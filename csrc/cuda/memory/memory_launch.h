@@ -10,7 +10,8 @@
 
 namespace miras::cuda {
 
-// `blocks` = N * H: block b runs sequence b / H, head b % H. Nothing is launched for zero blocks.
+// `blocks` blocks share args.items = N * H (sequence, head) pairs (pair p = sequence p / H, head p % H);
+// args.work holds one workspace per block. Nothing is launched for zero blocks.
 template <typename T, typename A>
 void launch_memory_forward(const MemoryArgs<T, A>& args, int64_t blocks, cudaStream_t stream);
 

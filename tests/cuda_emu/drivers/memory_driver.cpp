@@ -299,7 +299,9 @@ int run(const Case& c, const emu::Schedule& sched, Output& out) {
   }
   const int64_t wf = miras::cuda::workspace_layout(s, sc.max_len, false).total;
   const int64_t wb = miras::cuda::workspace_layout(s, sc.max_len, true).total;
-  Buf<A> work(std::size_t(NH * std::max(wf, wb)));
+  // Fewer blocks than pairs (as on a GPU with many pairs), so that blocks run several pairs in turn.
+  const int64_t blocks = std::max<int64_t>(1, (NH + 1) / 2);
+  Buf<A> work(std::size_t(blocks * std::max(wf, wb)));
   a.work = work.data();
   a.work_stride = wf;
   a.max_run = sc.max_len;
@@ -308,7 +310,8 @@ int run(const Case& c, const emu::Schedule& sched, Output& out) {
 
   // As the CUDA host (csrc/cuda/memory/memory_cuda.cpp): no launch when no sequence has a token.
   const bool launch = NH > 0 && !sc.runs.empty();
-  const dim3 grid{unsigned(NH)}, block{unsigned(miras::cuda::kMemoryThreads)};
+  a.items = NH;
+  const dim3 grid{unsigned(blocks)}, block{unsigned(miras::cuda::kMemoryThreads)};
   const emu::LaunchConfig cfg{grid, block, 0, sched};
   auto launch_failed = [](const char* which, const emu::Error& e) {
     std::printf("%s launch failed: %s\n", which, e.what());
