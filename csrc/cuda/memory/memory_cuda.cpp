@@ -7,11 +7,13 @@
 // contiguous; gates and delta are converted to contiguous tensors in the accumulation dtype (float64 for
 // float64 q, else float32), as are the states [N*H, *shape] that the kernels update in place.
 #include <ATen/ATen.h>
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/util/Exception.h>
 #include <cuda_bf16.h>
+#include <cuda_runtime_api.h>
 #include <cuda_fp16.h>
 #include <torch/library.h>
 
@@ -148,8 +150,10 @@ Call prepare(const Problem& P, const at::Tensor& q, const at::Tensor& k, const a
     const int64_t total = cuda::workspace_layout(c.spec, c.schedule.max_len, backward).total;
     // Two waves of one block per multiprocessor (the kernels' register use allows one): enough to balance
     // uneven sequences, while the workspace stays bounded whatever N * H is.
-    const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-    c.grid = std::min<int64_t>(P.N * P.H, 2 * sms);
+    // (ATen/cuda/CUDAContext.h would need the CUDA math libraries' headers, which the build does not.)
+    int sms = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, c10::cuda::current_device()));
+    c.grid = std::min<int64_t>(P.N * P.H, 2 * int64_t(sms));
     c.work = at::empty({c.grid, total}, P.options());
   }
   return c;
