@@ -23,6 +23,15 @@ def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
         raise ValueError(f"{name}: expected one of {allowed}, got {value!r}")
 
 
+def _text(value) -> str:
+    """A field's value as MemorySpec.encode() writes it."""
+    if isinstance(value, bool):
+        return str(int(value))
+    if value is None:
+        return "-1"
+    return repr(value) if isinstance(value, float) else str(value)
+
+
 @dataclass(frozen=True)
 class MemorySpec:
     """What a memory computes; every field is a docs/math.md choice.
@@ -81,6 +90,10 @@ class MemorySpec:
             raise ValueError("grad_at_retained: the gradient at the retained state is defined for the l2 "
                              f"retention of vector or matrix memory (Eq. 3.2), got retention={self.retention!r}, "
                              f"memory={self.memory!r}")
+        # Encoded once, while the fields are plain Python values: torch.compile may trace the int fields of a
+        # second spec as symbols, and a string built from symbols is a graph break; a str attribute is a
+        # constant with an equality guard.
+        object.__setattr__(self, "_encoded", ",".join(f"{f.name}={_text(getattr(self, f.name))}" for f in fields(self)))
 
     @property
     def linked(self) -> bool:
@@ -130,14 +143,7 @@ class MemorySpec:
     def encode(self) -> str:
         """The spec as the compiled ops read it: `name=value` pairs joined by commas, every field, in
         declaration order; booleans as 0/1, simplex_scale None as -1."""
-        def text(value) -> str:
-            if isinstance(value, bool):
-                return str(int(value))
-            if value is None:
-                return "-1"
-            return repr(value) if isinstance(value, float) else str(value)
-
-        return ",".join(f"{f.name}={text(getattr(self, f.name))}" for f in fields(self))
+        return self._encoded
 
     def kl_scale(self, shape: tuple[int, ...]) -> float:
         """c of Eq. 3.6 for a weight tensor of this per-head shape: sqrt(fan_in) unless set."""

@@ -401,9 +401,6 @@ def test_opcheck(spec):
                                   MemorySpec(memory="mlp", expansion=2, bias="yaad", retention="l2")],
                          ids=["matrix", "mlp-yaad"])
 def test_torch_compile_fullgraph(spec):
-    # A fresh dynamo cache: recompiling `f` below for a second spec would otherwise mark the spec's int
-    # fields dynamic, and memory_forward's spec.encode() cannot format a SymInt (a graph break).
-    torch._dynamo.reset()
     inp = _place(make_inputs(spec, B=2, T=7, H=2, dk=4, init="random"), torch.float64, DEVICE).requires_grad_()
     names = list(inp.leaves())
 

@@ -240,6 +240,23 @@ def test_torch_compile_fullgraph():
         assert rel(a, b) < TOL
 
 
+def test_torch_compile_one_function_several_specs():
+    # The spec is an argument: its second value makes dynamo trace the int fields as symbols, which must not
+    # reach the op's `spec` string (a graph break under fullgraph).
+    def f(q, k, v, lr, alpha, init, spec):
+        return memory_forward(q, k, v, spec, lr, alpha, chunk_size=4, initial_state=init)[0]
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    specs = [MemorySpec(memory="matrix", bias="l2", retention="l2"),
+             MemorySpec(memory="mlp", expansion=2, bias="l2", retention="l2"),
+             MemorySpec(memory="mlp", expansion=4, bias="l2", retention="l2")]
+    for spec in specs:
+        inp = make_inputs(spec, B=1, T=6, H=2, dv=4, dk=4)
+        init = tuple(0.3 * torch.randn(2, *s, dtype=inp.q.dtype) for s in spec.weight_shapes(4, 4))
+        args = (inp.q, inp.k, inp.v, inp.gates["lr"], inp.gates["alpha"], init, spec)
+        assert rel(compiled(*args), f(*args)) < TOL
+
+
 PRESETS = [
     (miras_ext.moneta_forward, ("lr", "alpha"), memory_ops.MONETA),
     (miras_ext.yaad_forward, ("lr", "alpha", "delta"), memory_ops.YAAD),
