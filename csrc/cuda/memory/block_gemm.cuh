@@ -14,11 +14,16 @@ namespace miras::cuda {
 template <typename T>
 constexpr bool kTensorCores = std::is_same_v<T, __half> || std::is_same_v<T, __nv_bfloat16>;
 
-// `scratch` holds M * N values; only the tensor-core path with `negate` uses it.
+// `scratch` holds M * N values; only the tensor-core path with `negate` uses it. `exact` keeps a product of
+// 16-bit inputs on CUDA cores too.
 template <typename T, typename A>
 __device__ void block_gemm(const A* a, int lda, bool a_trans, const A* b, int ldb, bool b_trans, A* c, int ldc, int M,
-                           int N, int K, bool accumulate, bool negate, A* scratch) {
+                           int N, int K, bool accumulate, bool negate, A* scratch, bool exact) {
   if constexpr (kTensorCores<T>) {
+    if (exact) {
+      block_gemm<float, A>(a, lda, a_trans, b, ldb, b_trans, c, ldc, M, N, K, accumulate, negate, scratch, true);
+      return;
+    }
     if (!negate) {
       tile_gemm<T>(a, lda, a_trans, b, ldb, b_trans, c, ldc, M, N, K, accumulate);
       return;

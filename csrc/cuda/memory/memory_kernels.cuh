@@ -134,56 +134,6 @@ struct MemoryBlock {
     }
   }
 
-  // U[t][i] = sum_j Wt[i][j] X[t][j] for t < n, i < out (one warp per (t, i)).
-  template <typename Weight, typename X, typename U>
-  __device__ void rows_product(int n, int out, int in, Weight wt, X x, U u, bool accumulate) const {
-    const int lane = threadIdx.x % kWarp;
-    for (int p = threadIdx.x / kWarp; p < n * out; p += kMemoryWarps) {
-      const int t = p / out, i = p % out;
-      const A* xt = x(t);
-      A s = 0;
-      for (int j = lane; j < in; j += kWarp) s += wt(i, j) * xt[j];
-      s = warp_sum(s);
-      if (lane == 0) {
-        A* ut = u(t);
-        ut[i] = accumulate ? ut[i] + s : s;
-      }
-    }
-    __syncthreads();
-  }
-
-  // R[t][j] = sum_i Wt[i][j] D[t][i] for t < n, j < in (one thread per (t, j)).
-  template <typename Weight, typename D, typename R>
-  __device__ void cols_product(int n, int out, int in, Weight wt, D d, R r, bool accumulate) const {
-    for (int p = threadIdx.x; p < n * in; p += blockDim.x) {
-      const int t = p / in, j = p % in;
-      const A* dt = d(t);
-      A s = 0;
-      for (int i = 0; i < out; ++i) s += wt(i, j) * dt[i];
-      A* rt = r(t);
-      rt[j] = accumulate ? rt[j] + s : s;
-    }
-    __syncthreads();
-  }
-
-  // dW[i][j] += sum_{t < n} P[t][i] Q[t][j] for weight l.
-  template <typename P, typename Q>
-  __device__ void outer_accumulate(int n, int l, A* dw, P p, Q q) const {
-    const int in = in_of(l);
-    for (int64_t e = threadIdx.x; e < sp.size(l); e += blockDim.x) {
-      const int i = int(e / in), j = int(e % in);
-      A s = 0;
-      for (int t = 0; t < n; ++t) s += p(t)[i] * q(t)[j];
-      dw[e] += s;
-    }
-    __syncthreads();
-  }
-
-  // The weight tensor w [out, in] as a function of (i, j).
-  __device__ static auto dense(const A* w, int in) {
-    return [w, in](int i, int j) { return w[int64_t(i) * in + j]; };
-  }
-
   // ------------------------------------------------------------------------------------------------------
   // The gradients at the anchor for the n tokens of a run (Eqs. 5.1-5.5): layer inputs, pre-activations,
   // prediction y, bias gradient g and the deltas, kept in the workspace.
@@ -195,8 +145,9 @@ struct MemoryBlock {
     for (int l = 0; l < L; ++l) {
       const A* w = wb[l];
       const int in = in_of(l), out = out_of(l);
-      rows_product(n, out, in, dense(w, in), [&](int t) { return acts(t, l); }, [&](int t) { return pre(t, l); },
-                   false);
+      // The prediction y feeds the bias's nonlinear gradient, whose Hessian (Yaad's, l_p's) amplifies its
+      // rounding: products of the anchor pass stay in the state's precision.
+      gemm(acts(0, l), ins, false, w, in, true, pre(0, l), outs, n, out, in, false, false, true);  // a W^T
       if (sp.retained) {  // Eq. 5.2
         for (int p = threadIdx.x; p < n * out; p += blockDim.x) {
           pre(p / out, l)[p % out] *= gate(kCum, p / out)[sp.per_channel ? p % out : 0];
@@ -231,8 +182,7 @@ struct MemoryBlock {
     for (int l = L - 1; l > 0; --l) {  // Eq. 5.4
       const A* w = wb[l];
       const int in = in_of(l), out = out_of(l);
-      cols_product(n, out, in, dense(w, in), [&](int t) { return deltas(t, l); }, [&](int t) { return back(t, l); },
-                   false);
+      gemm(deltas(0, l), outs, false, w, in, false, back(0, l), ins, n, in, out, false, false, true);  // delta W
       for (int p = threadIdx.x; p < n * in; p += blockDim.x) {
         const int t = p / in, j = p % in;
         deltas(t, l - 1)[j] = back(t, l)[j] * act_grad(sp.gelu != 0, pre(t, l - 1)[j]);
@@ -495,9 +445,8 @@ struct MemoryBlock {
         dpre(t, l - 1)[j] += g * back(t, l)[j] * act_grad2(sp.gelu != 0, u);
       }
       __syncthreads();
-      rows_product(n, out, in, dense(wb[l], in), [&](int t) { return tmp(t, l - 1); }, [&](int t) { return dd(t, l); },
-                   true);
-      outer_accumulate(n, l, dwb + woff[l], [&](int t) { return deltas(t, l); }, [&](int t) { return tmp(t, l - 1); });
+      gemm(tmp(0, l - 1), outs, false, wb[l], in, true, dd(0, l), outs, n, out, in, true, false);
+      gemm(deltas(0, l), outs, true, tmp(0, l - 1), outs, false, dwb + woff[l], in, out, in, n, true, false);
     }
     for (int t = threadIdx.x / kWarp; t < n; t += kMemoryWarps) {
       const int64_t tok = token(t0 + t);
@@ -544,9 +493,8 @@ struct MemoryBlock {
         }
         __syncthreads();
       }
-      outer_accumulate(n, l, dwb + woff[l], [&](int t) { return dpre(t, l); }, [&](int t) { return acts(t, l); });
-      cols_product(n, out, in, dense(wb[l], in), [&](int t) { return dpre(t, l); }, [&](int t) { return da(t, l); },
-                   true);
+      gemm(dpre(0, l), outs, true, acts(0, l), ins, false, dwb + woff[l], in, out, in, n, true, false);
+      gemm(dpre(0, l), outs, false, wb[l], in, false, da(0, l), ins, n, in, out, true, false);
       if (l > 0) {
         for (int p = threadIdx.x; p < n * in; p += blockDim.x) {
           const int t = p / in, j = p % in;
@@ -604,9 +552,10 @@ struct MemoryBlock {
   __device__ A* scratch() const { return ws + lay.scratch; }
   __device__ A et(int t, int c) const { return gate(kLr, t)[c] / gate(kCum, t)[c]; }  // e~ = eta / A
 
+  // A chunk product; `exact` keeps it in the state's precision even for 16-bit inputs.
   __device__ void gemm(const A* a, int lda, bool at, const A* b, int ldb, bool bt, A* c, int ldc, int M, int N, int K,
-                       bool accumulate, bool negate) const {
-    block_gemm<T, A>(a, lda, at, b, ldb, bt, c, ldc, M, N, K, accumulate, negate, scratch());
+                       bool accumulate, bool negate, bool exact = false) const {
+    block_gemm<T, A>(a, lda, at, b, ldb, bt, c, ldc, M, N, K, accumulate, negate, scratch(), exact);
   }
 
   // Zero the entries of S [n, n] above the diagonal (only tokens i <= t reach token t).
