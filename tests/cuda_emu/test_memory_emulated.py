@@ -204,8 +204,11 @@ LOW_PRECISION = [
 
 CASES = PAIRWISE + EXTRA + LOW_PRECISION
 # Cases that also run under the reverse and a shuffled order of threads between barriers.
+# Both paths of the kernels: the factored products (on tensor cores for bfloat16) and the token loop, also
+# mixed in one call (tiny alpha).
 REORDERED = [c for c in PAIRWISE if c.layout in ("varlen", "offset")][:3] + \
-            [c for c in PAIRWISE if c.spec.memory == "mlp" and c.spec.algorithm == "momentum"][:1] + LOW_PRECISION[3:4]
+            [c for c in PAIRWISE if c.spec.memory == "mlp" and c.spec.algorithm == "momentum"][:1] + \
+            [c for c in CASES if c.tiny_alpha is not None or c.dtype in ("bfloat16", "float16")] + LOW_PRECISION[3:4]
 
 
 # ---------------------------------------------------------------------------------------------------------
