@@ -14,6 +14,60 @@ namespace miras::cuda {
 template <typename T>
 constexpr bool kTensorCores = std::is_same_v<T, __half> || std::is_same_v<T, __nv_bfloat16>;
 
+// CUDA-core product in the accumulation type: 64 x 64 output tiles, K staged 16 at a time in shared memory,
+// 4 x 4 outputs per thread (rows ty + 16 r, columns tx + 16 c, so that neither the shared-memory reads nor
+// the stores to C conflict); loads of A and B follow their contiguous axis.
+template <typename A>
+__device__ void gemm_cuda_cores(const A* a, int lda, bool a_trans, const A* b, int ldb, bool b_trans, A* c, int ldc,
+                                int M, int N, int K, bool accumulate, bool negate) {
+  constexpr int BM = 64, BN = 64, BK = 16;
+  __shared__ A sa[BK][BM + 1];
+  __shared__ A sb[BK][BN + 1];
+  const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+  for (int m0 = 0; m0 < M; m0 += BM) {
+    for (int n0 = 0; n0 < N; n0 += BN) {
+      A acc[4][4] = {};
+      for (int k0 = 0; k0 < K; k0 += BK) {
+        for (int e = threadIdx.x; e < BM * BK; e += blockDim.x) {
+          const int i = a_trans ? e % BM : e / BK, k = a_trans ? e / BM : e % BK;
+          const int gi = m0 + i, gk = k0 + k;
+          A x = 0;
+          if (gi < M && gk < K) x = a_trans ? a[int64_t(gk) * lda + gi] : a[int64_t(gi) * lda + gk];
+          sa[k][i] = x;
+        }
+        for (int e = threadIdx.x; e < BN * BK; e += blockDim.x) {
+          const int j = b_trans ? e / BK : e % BN, k = b_trans ? e % BK : e / BN;
+          const int gj = n0 + j, gk = k0 + k;
+          A x = 0;
+          if (gj < N && gk < K) x = b_trans ? b[int64_t(gj) * ldb + gk] : b[int64_t(gk) * ldb + gj];
+          sb[k][j] = x;
+        }
+        __syncthreads();
+        for (int k = 0; k < BK; ++k) {
+          A ar[4], br[4];
+          for (int r = 0; r < 4; ++r) ar[r] = sa[k][ty + 16 * r];
+          for (int q = 0; q < 4; ++q) br[q] = sb[k][tx + 16 * q];
+          for (int r = 0; r < 4; ++r) {
+            for (int q = 0; q < 4; ++q) acc[r][q] += ar[r] * br[q];
+          }
+        }
+        __syncthreads();
+      }
+      for (int r = 0; r < 4; ++r) {
+        for (int q = 0; q < 4; ++q) {
+          const int i = m0 + ty + 16 * r, j = n0 + tx + 16 * q;
+          if (i < M && j < N) {
+            const A v = negate ? -acc[r][q] : acc[r][q];
+            A* x = c + int64_t(i) * ldc + j;
+            *x = accumulate ? *x + v : v;
+          }
+        }
+      }
+    }
+  }
+  __syncthreads();
+}
+
 // `scratch` holds M * N values; only the tensor-core path with `negate` uses it. `exact` keeps a product of
 // 16-bit inputs on CUDA cores too.
 template <typename T, typename A>
@@ -21,7 +75,7 @@ __device__ void block_gemm(const A* a, int lda, bool a_trans, const A* b, int ld
                            int N, int K, bool accumulate, bool negate, A* scratch, bool exact) {
   if constexpr (kTensorCores<T>) {
     if (exact) {
-      block_gemm<float, A>(a, lda, a_trans, b, ldb, b_trans, c, ldc, M, N, K, accumulate, negate, scratch, true);
+      gemm_cuda_cores(a, lda, a_trans, b, ldb, b_trans, c, ldc, M, N, K, accumulate, negate);
       return;
     }
     if (!negate) {
@@ -36,19 +90,8 @@ __device__ void block_gemm(const A* a, int lda, bool a_trans, const A* b, int ld
     __syncthreads();
   } else {
     (void)scratch;
-    for (int p = threadIdx.x; p < M * N; p += blockDim.x) {
-      const int i = p / N, j = p % N;
-      A s = 0;
-      for (int k = 0; k < K; ++k) {
-        const A x = a_trans ? a[int64_t(k) * lda + i] : a[int64_t(i) * lda + k];
-        const A y = b_trans ? b[int64_t(j) * ldb + k] : b[int64_t(k) * ldb + j];
-        s += x * y;
-      }
-      if (negate) s = -s;
-      A* x = c + int64_t(i) * ldc + j;
-      *x = accumulate ? *x + s : s;
-    }
-    __syncthreads();
+    (void)exact;
+    gemm_cuda_cores(a, lda, a_trans, b, ldb, b_trans, c, ldc, M, N, K, accumulate, negate);
   }
 }
 
