@@ -1,7 +1,8 @@
 // The chunk-level matrix products of the memory kernels, C[M][N] (+/-)= op(A)[M][K] op(B)[K][N] with
 // op(X)[i][k] = trans ? x[k * ld + i] : x[i * ld + k], block-level (ends with a barrier). Inputs of 16-bit
-// types multiply on tensor cores (tile_mma.cuh: operands rounded to the input type, float accumulation);
-// float and double inputs on CUDA cores in their own precision, so that float32 keeps float32 accuracy.
+// types multiply on tensor cores (tile_mma.cuh: operands rounded to the input type, float accumulation;
+// split operands where a product must keep float precision); float and double inputs on CUDA cores in
+// their own precision, so that float32 keeps float32 accuracy.
 #pragma once
 
 #include <type_traits>
@@ -68,24 +69,42 @@ __device__ void gemm_cuda_cores(const A* a, int lda, bool a_trans, const A* b, i
   __syncthreads();
 }
 
-// `scratch` holds M * N values; only the tensor-core path with `negate` uses it. `exact` keeps a product of
-// 16-bit inputs on CUDA cores too.
+// lo[...] = x - round_to_Half(x) for the rows x rows of x (row stride ld), stored compactly (row stride cols).
+template <typename Half>
+__device__ void split_low(const float* x, int ld, int rows, int cols, float* lo) {
+  for (int p = threadIdx.x; p < rows * cols; p += blockDim.x) {
+    const float v = x[int64_t(p / cols) * ld + p % cols];
+    lo[p] = v - to_acc(from_acc<Half>(v));
+  }
+}
+
+// `scratch` holds M * N + M * K + K * N values (the tensor-core paths use it). `exact` asks for the state's
+// precision: 16-bit inputs then take three tensor-core products of split operands, x = hi + lo with hi and
+// lo in the 16-bit type (hi hi + hi lo + lo hi, the lo lo term below the float rounding of a sum), about
+// 2^-16 relative for bfloat16 instead of 2^-8.
 template <typename T, typename A>
 __device__ void block_gemm(const A* a, int lda, bool a_trans, const A* b, int ldb, bool b_trans, A* c, int ldc, int M,
                            int N, int K, bool accumulate, bool negate, A* scratch, bool exact) {
   if constexpr (kTensorCores<T>) {
-    if (exact) {
-      gemm_cuda_cores(a, lda, a_trans, b, ldb, b_trans, c, ldc, M, N, K, accumulate, negate);
-      return;
-    }
-    if (!negate) {
+    if (!negate && !exact) {
       tile_gemm<T>(a, lda, a_trans, b, ldb, b_trans, c, ldc, M, N, K, accumulate);
       return;
     }
     tile_gemm<T>(a, lda, a_trans, b, ldb, b_trans, scratch, N, M, N, K, false);
+    if (exact) {
+      // The operands as stored: op(A) is [M][K] (a_trans: stored [K][M]), op(B) [K][N] (b_trans: [N][K]).
+      float* lo_a = scratch + M * N;
+      float* lo_b = lo_a + M * K;
+      const int a_cols = a_trans ? M : K, b_cols = b_trans ? K : N;
+      split_low<T>(a, lda, a_trans ? K : M, a_cols, lo_a);
+      split_low<T>(b, ldb, b_trans ? N : K, b_cols, lo_b);
+      __syncthreads();
+      tile_gemm<T>(a, lda, a_trans, lo_b, b_cols, b_trans, scratch, N, M, N, K, true);
+      tile_gemm<T>(lo_a, a_cols, a_trans, b, ldb, b_trans, scratch, N, M, N, K, true);
+    }
     for (int p = threadIdx.x; p < M * N; p += blockDim.x) {
       A* x = c + int64_t(p / N) * ldc + p % N;
-      *x = (accumulate ? *x : A(0)) - scratch[p];
+      *x = (accumulate ? *x : A(0)) + (negate ? -scratch[p] : scratch[p]);
     }
     __syncthreads();
   } else {

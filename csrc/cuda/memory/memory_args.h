@@ -62,7 +62,7 @@ struct Workspace {
   int64_t rows;      // per-row link statistics [2, sum dims[l + 1]]
   int64_t dual;      // factored runs (Eq. 5.12), per layer: d~ [n, out], the read's u / A [n, out], a~ [n, in],
                      // the read's inputs (A-scaled on gated columns) [n, in], masked products [n, n]
-  int64_t scratch;   // one product's output [max(n * max(widest, n), |W|)]
+  int64_t scratch;   // one product's output and its operands' low parts (block_gemm.cuh)
   // Backward only.
   int64_t states;    // Z_t (then S_t with momentum) after each token [n, |W|] (x2 with momentum)
   int64_t dwb;       // gradient of phi(anchor) [|W|]
@@ -102,7 +102,7 @@ MIRAS_HD Workspace workspace_layout(const KernelSpec& s, int64_t n, bool backwar
   w.rows = take(2 * outs);
   w.dual = take(n * (2 * outs + 2 * ins) + int64_t(s.layers) * n * n);
   const int64_t wide = n * (n > s.widest() ? n : s.widest());
-  w.scratch = take(wide > W ? wide : W);
+  w.scratch = take((wide > W ? wide : W) + wide + W);
   if (backward) {
     w.states = take(n * W * (s.momentum ? 2 : 1));
     w.dwb = take(W);

@@ -146,7 +146,7 @@ struct MemoryBlock {
       const A* w = wb[l];
       const int in = in_of(l), out = out_of(l);
       // The prediction y feeds the bias's nonlinear gradient, whose Hessian (Yaad's, l_p's) amplifies its
-      // rounding: products of the anchor pass stay in the state's precision.
+      // rounding: products of the anchor pass keep the state's precision (split operands on tensor cores).
       gemm(acts(0, l), ins, false, w, in, true, pre(0, l), outs, n, out, in, false, false, true);  // a W^T
       if (sp.retained) {  // Eq. 5.2
         for (int p = threadIdx.x; p < n * out; p += blockDim.x) {
