@@ -65,6 +65,7 @@ LAYOUTS = {
     "offset": Layout(2, 11, (6, 2)),  # phase 2: the first run continues the given anchor
     "varlen": Layout(1, 12, (0, 3, 6, 1), (0, 5, 5, 11, 12)),  # lengths 5, 0, 6, 1
     "decode": Layout(2, 1, (5, 9)),  # one token at phase 1 (a fresh run with lag_token)
+    "long": Layout(1, 70, (3,)),  # with chunk 66: runs of 63 and 7 tokens
 }
 
 
@@ -110,7 +111,7 @@ FACTORS = {
     "per_channel": (False, True),
     "grad_at_retained": (False, True),
     "lag_token": (False, True),
-    "layout": tuple(LAYOUTS),
+    "layout": ("plain", "offset", "varlen", "decode"),
 }
 
 
@@ -180,6 +181,11 @@ EXTRA = [
     # float32) take the token loop; the other runs of the same call stay factored.
     Case(MemorySpec(memory="mlp", layers=2, expansion=2, bias="l2", retention="l2"), dk=5, dv=5, per_channel=True,
          layout="offset", tiny_alpha=1e-210, seed=106),
+    # Chunk products larger than one 64 x 64 tile (runs of 63 tokens, a hidden layer of 80), on both paths.
+    Case(MemorySpec(memory="mlp", layers=2, expansion=4, bias="huber", retention="l2"), dk=20, dv=20, layout="long",
+         chunk=66, seed=107),
+    Case(MemorySpec(memory="mlp", layers=2, expansion=4, bias="l2", retention="lq", algorithm="momentum"), dk=20,
+         dv=20, layout="long", chunk=66, seed=108),
 ]
 
 # Other dtypes on rounded inputs (float32 accumulation).
