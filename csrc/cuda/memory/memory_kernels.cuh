@@ -21,15 +21,6 @@
 
 namespace miras::cuda {
 
-template <typename O, typename A>
-__device__ __forceinline__ O store_as(A x) {
-  if constexpr (std::is_same_v<O, A>) {
-    return x;
-  } else {
-    return from_acc<O>(x);
-  }
-}
-
 enum GateKind : int { kLr = 0, kAlpha = 1, kMom = 2, kCum = 3 };
 
 // Everything one block needs: its sequence and head, the spec, and pointers into its workspace.
@@ -266,7 +257,9 @@ struct MemoryBlock {
     const A* cum = gate(kCum, t);
     for (int l = 0; l < L; ++l) {
       const int in = in_of(l);
-      for (int64_t e = threadIdx.x; e < sp.size(l); e += blockDim.x) x[l][e] *= cum[channel(l, int(e / in), int(e % in))];
+      for (int64_t e = threadIdx.x; e < sp.size(l); e += blockDim.x) {
+        x[l][e] *= cum[channel(l, int(e / in), int(e % in))];
+      }
     }
     __syncthreads();
   }
@@ -548,7 +541,9 @@ struct MemoryBlock {
   __device__ A* f_v(int n, int l) const { return ws + lay.dual + int64_t(n) * (outs + outoff[l]); }
   __device__ A* f_a(int n, int l) const { return ws + lay.dual + int64_t(n) * (2 * outs + insoff[l]); }
   __device__ A* f_h(int n, int l) const { return ws + lay.dual + int64_t(n) * (2 * outs + ins + insoff[l]); }
-  __device__ A* f_s(int n, int l) const { return ws + lay.dual + int64_t(n) * (2 * outs + 2 * ins) + int64_t(l) * n * n; }
+  __device__ A* f_s(int n, int l) const {
+    return ws + lay.dual + int64_t(n) * (2 * outs + 2 * ins) + int64_t(l) * n * n;
+  }
   __device__ A* scratch() const { return ws + lay.scratch; }
   __device__ A et(int t, int c) const { return gate(kLr, t)[c] / gate(kCum, t)[c]; }  // e~ = eta / A
 
@@ -629,7 +624,9 @@ struct MemoryBlock {
   template <typename F>
   __device__ void channel_add(int n, int width, int kind, F f) const {
     if (sp.per_channel) {
-      for (int p = threadIdx.x; p < n * width; p += blockDim.x) dgate(kind, p / width)[p % width] += f(p / width, p % width);
+      for (int p = threadIdx.x; p < n * width; p += blockDim.x) {
+        dgate(kind, p / width)[p % width] += f(p / width, p % width);
+      }
     } else {
       const int lane = threadIdx.x % kWarp;
       for (int t = threadIdx.x / kWarp; t < n; t += kMemoryWarps) {
@@ -884,13 +881,16 @@ __device__ void backward_item(const MemoryArgs<T, A>& args, int64_t item) {
     }
     A* dwb = blk.ws + blk.lay.dwb;
     blk.anchor_backward(run.token0, n, wb, dwb);
-    for (int l = 0; l < L; ++l) {
-      if (sp.retained) {  // the run ended with anchor A_n (Eq. 5.2)
-        blk.gate_reduce_add(l, [&](int i, int j) { return ganc[l][int64_t(i) * sp.dims[l] + j] * anc[l][int64_t(i) * sp.dims[l] + j]; },
+    if (sp.retained) {  // the run ended with anchor A_n (Eq. 5.2)
+      for (int l = 0; l < L; ++l) {
+        const A* g = ganc[l];
+        const A* x = anc[l];
+        const int in = sp.dims[l];
+        blk.gate_reduce_add(l, [&](int i, int j) { return g[int64_t(i) * in + j] * x[int64_t(i) * in + j]; },
                             blk.dgate(kCum, n - 1));
       }
+      blk.scale_by_cum(n - 1, ganc);
     }
-    if (sp.retained) blk.scale_by_cum(n - 1, ganc);
     for (int l = 0; l < L; ++l) {
       const int in = sp.dims[l], out = sp.dims[l + 1];
       const A* g = dwb + blk.woff[l];
