@@ -66,6 +66,8 @@ LAYOUTS = {
     "varlen": Layout(1, 12, (0, 3, 6, 1), (0, 5, 5, 11, 12)),  # lengths 5, 0, 6, 1
     "decode": Layout(2, 1, (5, 9)),  # one token at phase 1 (a fresh run with lag_token)
     "long": Layout(1, 70, (3,)),  # with chunk 66: runs of 63 and 7 tokens
+    "chunks64": Layout(1, 80, (0,)),  # with chunk 64: a full chunk and 16 tokens
+    "chunks16": Layout(1, 20, (5,)),  # with chunk 16: 11 tokens, then 9
 }
 
 
@@ -206,6 +208,13 @@ LOW_PRECISION = [
     Case(MemorySpec(memory="matrix", bias="value_shift", retention="l2", grad_at_retained=True), layout="offset",
          dtype="float16", seed=208),
     Case(MemorySpec(memory="matrix", bias="l2", retention="l2"), tiny_alpha=1e-25, dtype="float32", seed=209),
+    # The sizes: head dim 64 with chunk 64, and an MLP of head dim 32 (hidden 128) with chunk 16.
+    Case(MemorySpec(memory="matrix", bias="l2", retention="l2"), layout="chunks64", dk=64, dv=64, chunk=64,
+         dtype="bfloat16", seed=210),
+    Case(MemorySpec(memory="mlp", layers=2, expansion=4, bias="l2", retention="kl"), layout="chunks16", dk=32, dv=32,
+         chunk=16, dtype="float32", seed=211),
+    Case(MemorySpec(memory="mlp", layers=2, expansion=4, bias="yaad", retention="l2"), layout="chunks16", dk=32,
+         dv=32, chunk=16, dtype="bfloat16", seed=212),
 ]
 
 CASES = PAIRWISE + EXTRA + LOW_PRECISION
