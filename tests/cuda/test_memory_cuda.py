@@ -21,13 +21,14 @@ inputs, which no implementation can beat. Floors:
   Some inputs are worse conditioned whatever computes them: the KL retention with the residual norm
   (Memora) puts the CPU op's float32 result 1e-4 to 2e-3 from float64, Yaad over hundreds of tokens 1e-2;
   there the second term decides, and ILL_CONDITIONED rejects inputs on which a comparison says nothing.
-- bfloat16: 5e-2, float16: 3e-2. The results (o, and the gradients of q, k, v and of bf16 gates) are
+- bfloat16 and float16: 5e-2. The results (o, and the gradients of q, k, v and of bf16 gates) are
   rounded to bf16, 2^-9 = 2e-3 relative per element by itself (the CPU op lands at 1.6e-3 to 2.8e-3 here);
   a kernel may also round float32 intermediates to bf16 operands for the tensor cores (each product then
   carries up to 2^-8, summed over a chunk and carried through the state), so 3e-2, about 15 times the
   rounding of the result. The kernels do (docs/cuda.md), and a gradient passes through about ten rounded
-  products in a row in the backward: bfloat16 gets 5e-2 (the emulated kernels measure 3.7e-2 on Yaad,
-  tests/cuda_emu/test_memory_emulated.py).
+  products in a row in the backward: 5e-2 (the emulated kernels measure 3.7e-2 on Yaad,
+  tests/cuda_emu/test_memory_emulated.py). The operands are bfloat16 for float16 inputs too (float32's
+  range: Yaad's gradients pass float16's 65504), so float16 gets the same bound.
 
 Self-check of these tests without a GPU (the CPU op stands in for the CUDA one; it validates the test code
 and the low-precision tolerances, not the CUDA kernels):
@@ -54,7 +55,7 @@ DEVICE = torch.device(os.environ.get("MIRAS_CUDA_TEST_DEVICE", "cuda"))
 ON_CUDA = DEVICE.type == "cuda"
 CPU = torch.device("cpu")
 
-TOL = {torch.float64: 1e-9, torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 3e-2}
+TOL = {torch.float64: 1e-9, torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 5e-2}
 # A device result may be this many times further from the float64 truth than the CPU op at the same precision.
 SLACK = 4.0
 # Inputs on which the CPU op's own float32 / bf16 error exceeds this say nothing about the device op.

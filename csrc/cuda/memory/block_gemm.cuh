@@ -1,6 +1,6 @@
 // The chunk-level matrix products of the memory kernels, C[M][N] (+/-)= op(A)[M][K] op(B)[K][N] with
 // op(X)[i][k] = trans ? x[k * ld + i] : x[i * ld + k], block-level (ends with a barrier). Inputs of 16-bit
-// types multiply on tensor cores (tile_mma.cuh: operands rounded to the input type, float accumulation;
+// types multiply on tensor cores (tile_mma.cuh: operands rounded to bfloat16, float accumulation;
 // split operands where a product must keep float precision); float and double inputs on CUDA cores in
 // their own precision, so that float32 keeps float32 accuracy.
 #pragma once
@@ -14,6 +14,10 @@ namespace miras::cuda {
 
 template <typename T>
 constexpr bool kTensorCores = std::is_same_v<T, __half> || std::is_same_v<T, __nv_bfloat16>;
+// Operands go to the tensor cores as bfloat16 for float16 inputs too: they are state, activations and
+// gradients, not the inputs themselves, and the gradients of the sharper biases (Yaad's curvature reaches
+// delta / sqrt(eps)) pass float16's 65504 where float32's range holds them.
+using MmaType = __nv_bfloat16;
 
 // CUDA-core product in the accumulation type: 64 x 64 output tiles, K staged 16 at a time in shared memory,
 // 4 x 4 outputs per thread (rows ty + 16 r, columns tx + 16 c, so that neither the shared-memory reads nor
@@ -69,7 +73,7 @@ __device__ void gemm_cuda_cores(const A* a, int lda, bool a_trans, const A* b, i
   __syncthreads();
 }
 
-// lo[...] = x - round_to_Half(x) for the rows x rows of x (row stride ld), stored compactly (row stride cols).
+// lo[...] = x - round_to_Half(x) for the rows x cols of x (row stride ld), stored compactly (row stride cols).
 template <typename Half>
 __device__ void split_low(const float* x, int ld, int rows, int cols, float* lo) {
   for (int p = threadIdx.x; p < rows * cols; p += blockDim.x) {
@@ -80,27 +84,27 @@ __device__ void split_low(const float* x, int ld, int rows, int cols, float* lo)
 
 // `scratch` holds M * N + M * K + K * N values (the tensor-core paths use it). `exact` asks for the state's
 // precision: 16-bit inputs then take three tensor-core products of split operands, x = hi + lo with hi and
-// lo in the 16-bit type (hi hi + hi lo + lo hi, the lo lo term below the float rounding of a sum), about
-// 2^-16 relative for bfloat16 instead of 2^-8.
+// lo in bfloat16 (hi hi + hi lo + lo hi, the lo lo term below the float rounding of a sum), about 2^-16
+// relative instead of 2^-8.
 template <typename T, typename A>
 __device__ void block_gemm(const A* a, int lda, bool a_trans, const A* b, int ldb, bool b_trans, A* c, int ldc, int M,
                            int N, int K, bool accumulate, bool negate, A* scratch, bool exact) {
   if constexpr (kTensorCores<T>) {
     if (!negate && !exact) {
-      tile_gemm<T>(a, lda, a_trans, b, ldb, b_trans, c, ldc, M, N, K, accumulate);
+      tile_gemm<MmaType>(a, lda, a_trans, b, ldb, b_trans, c, ldc, M, N, K, accumulate);
       return;
     }
-    tile_gemm<T>(a, lda, a_trans, b, ldb, b_trans, scratch, N, M, N, K, false);
+    tile_gemm<MmaType>(a, lda, a_trans, b, ldb, b_trans, scratch, N, M, N, K, false);
     if (exact) {
       // The operands as stored: op(A) is [M][K] (a_trans: stored [K][M]), op(B) [K][N] (b_trans: [N][K]).
       float* lo_a = scratch + M * N;
       float* lo_b = lo_a + M * K;
       const int a_cols = a_trans ? M : K, b_cols = b_trans ? K : N;
-      split_low<T>(a, lda, a_trans ? K : M, a_cols, lo_a);
-      split_low<T>(b, ldb, b_trans ? N : K, b_cols, lo_b);
+      split_low<MmaType>(a, lda, a_trans ? K : M, a_cols, lo_a);
+      split_low<MmaType>(b, ldb, b_trans ? N : K, b_cols, lo_b);
       __syncthreads();
-      tile_gemm<T>(a, lda, a_trans, lo_b, b_cols, b_trans, scratch, N, M, N, K, true);
-      tile_gemm<T>(lo_a, a_cols, a_trans, b, ldb, b_trans, scratch, N, M, N, K, true);
+      tile_gemm<MmaType>(a, lda, a_trans, lo_b, b_cols, b_trans, scratch, N, M, N, K, true);
+      tile_gemm<MmaType>(lo_a, a_cols, a_trans, b, ldb, b_trans, scratch, N, M, N, K, true);
     }
     for (int p = threadIdx.x; p < M * N; p += blockDim.x) {
       A* x = c + int64_t(p / N) * ldc + p % N;
