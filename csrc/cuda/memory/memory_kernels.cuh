@@ -438,8 +438,9 @@ struct MemoryBlock {
         dpre(t, l - 1)[j] += g * back(t, l)[j] * act_grad2(sp.gelu != 0, u);
       }
       __syncthreads();
-      gemm(tmp(0, l - 1), outs, false, wb[l], in, true, dd(0, l), outs, n, out, in, true, false);
-      gemm(deltas(0, l), outs, true, tmp(0, l - 1), outs, false, dwb + woff[l], in, out, in, n, true, false);
+      // The second-order pass feeds the bias Hessian too: float precision, as the anchor pass.
+      gemm(tmp(0, l - 1), outs, false, wb[l], in, true, dd(0, l), outs, n, out, in, true, false, true);
+      gemm(deltas(0, l), outs, true, tmp(0, l - 1), outs, false, dwb + woff[l], in, out, in, n, true, false, true);
     }
     for (int t = threadIdx.x / kWarp; t < n; t += kMemoryWarps) {
       const int64_t tok = token(t0 + t);
@@ -486,8 +487,8 @@ struct MemoryBlock {
         }
         __syncthreads();
       }
-      gemm(dpre(0, l), outs, true, acts(0, l), ins, false, dwb + woff[l], in, out, in, n, true, false);
-      gemm(dpre(0, l), outs, false, wb[l], in, false, da(0, l), ins, n, in, out, true, false);
+      gemm(dpre(0, l), outs, true, acts(0, l), ins, false, dwb + woff[l], in, out, in, n, true, false, true);
+      gemm(dpre(0, l), outs, false, wb[l], in, false, da(0, l), ins, n, in, out, true, false, true);
       if (l > 0) {
         for (int p = threadIdx.x; p < n * in; p += blockDim.x) {
           const int t = p / in, j = p % in;
