@@ -155,6 +155,18 @@ def test_vector_memory_is_reference_only():
         inp.call(miras_ext.memory_forward)
 
 
+@pytest.mark.parametrize("tiny", [1e-4, 1e-8, 1e-12])
+def test_gate_gradients_with_a_small_retention(tiny):
+    """One alpha far below 1: the factored form's alpha gradient cancels terms of size 1 / A_t (docs/math.md
+    Eq. 5.12), so such runs must take the unfactored path to keep float64 accuracy (with the earlier floor
+    of 1e-200 the alpha gradient was 2e-4 off at 1e-12)."""
+    spec = MemorySpec(memory="matrix", bias="l2", retention="l2")
+    inp = make_inputs(spec, B=1, T=8, H=2, init="random")
+    inp.gates["alpha"][:, 2] = tiny
+    assert_same(forward_and_grads(miras_ext.memory_forward, inp, chunk_size=4),
+                forward_and_grads(reference.chunked, inp, chunk_size=4))
+
+
 @pytest.mark.parametrize("per_channel", [False, True])
 @pytest.mark.parametrize("retention", ["l2", "kl"])
 def test_runs_whose_retention_underflows(per_channel, retention):
@@ -162,5 +174,5 @@ def test_runs_whose_retention_underflows(per_channel, retention):
     coefficient-matrix path; both must agree with the reference, inside one call."""
     spec = MemorySpec(memory="mlp", expansion=2, bias="huber", retention=retention)
     inp = make_inputs(spec, B=1, T=80, H=2, per_channel=per_channel, init="random")
-    inp.gates["alpha"][:, :50] = 1e-5  # the first chunk's A reaches 1e-250, under the float64 floor 1e-200
+    inp.gates["alpha"][:, :50] = 1e-5  # the first chunk's A reaches 1e-250, under the float64 floor 1e-6
     assert_same(forward_and_grads(miras_ext.memory_forward, inp, chunk_size=64), forward_and_grads(reference.chunked, inp, chunk_size=64))

@@ -4,6 +4,7 @@
 
 #include <cmath>
 
+#include "common/factored_floor.h"
 #include "cpu/bias_rows.h"
 
 namespace miras::chunk {
@@ -45,9 +46,9 @@ Coefficients coefficients(const MemoryParams& p, const Tensor& lr, const Tensor&
   c.e = lr;
   const Tensor a = alpha.defined() ? alpha : at::ones_like(lr);
   if (!p.momentum()) {
-    // 1 / A_t stays far from overflow, so the factored sums lose nothing to rounding (Eq. 5.12).
+    // Eq. 5.12 where its gate gradients stay accurate (common/factored_floor.h).
     const Tensor cum = at::cumprod(a, 1);
-    const double floor = cum.scalar_type() == at::kDouble ? 1e-200 : 1e-20;
+    const double floor = cum.scalar_type() == at::kDouble ? factored_floor<double>() : factored_floor<float>();
     if (cum.min().item<double>() > floor) {
       c.factored = true;
       c.alpha.cum = cum;

@@ -13,6 +13,7 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "common/factored_floor.h"
 #include "cuda/acc_types.cuh"
 #include "cuda/memory/block_gemm.cuh"
 #include "cuda/memory/block_ops.cuh"
@@ -523,7 +524,7 @@ struct MemoryBlock {
   // ------------------------------------------------------------------------------------------------------
   // Factored runs (Eq. 5.12): with W = Z and no momentum, every read of a run and its end state are masked
   // matrix products of the factors, so they run as chunk-level products (tensor cores for 16-bit inputs)
-  // instead of a token loop. Runs whose smallest A_t could make 1 / A_t overflow take the token loop.
+  // instead of a token loop. Runs whose smallest A_t is below common/factored_floor.h take the token loop.
 
   __device__ bool factored_run(int n) const {
     if (sp.link != Link::identity || sp.momentum) return false;
@@ -532,8 +533,7 @@ struct MemoryBlock {
       const A x = gate(kCum, p / Dg)[p % Dg];
       low = x < low ? x : low;
     }
-    // Same floor as the CPU op: 1 / A_t stays far from overflow.
-    const A floor = sizeof(A) == 8 ? A(1e-200) : A(1e-20);
+    const A floor = A(factored_floor<A>());  // the CPU op's floor (common/factored_floor.h)
     return block_sum(A(low > floor ? 0 : 1)) == A(0);
   }
 
