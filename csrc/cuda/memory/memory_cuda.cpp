@@ -149,11 +149,17 @@ Call prepare(const Problem& P, const at::Tensor& q, const at::Tensor& k, const a
     c.device_schedule = upload_schedule(c.schedule, P.device);
     const int64_t total = cuda::workspace_layout(c.spec, c.schedule.max_len, backward).total;
     // Two waves of one block per multiprocessor (the kernels' register use allows one): enough to balance
-    // uneven sequences, while the workspace stays bounded whatever N * H is.
-    // (ATen/cuda/CUDAContext.h would need the CUDA math libraries' headers, which the build does not.)
+    // uneven sequences, while the workspace stays bounded whatever N * H is; and no more workspaces than
+    // half the free device memory holds (a backward keeps n |W| floats per block, 67 MB for an MLP of
+    // head dim 128 with momentum at chunk 64). ATen/cuda/CUDAContext.h would need the CUDA math libraries'
+    // headers, which the build does not have: the runtime answers directly.
     int sms = 0;
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, c10::cuda::current_device()));
-    c.grid = std::min<int64_t>(P.N * P.H, 2 * int64_t(sms));
+    size_t free_bytes = 0, total_bytes = 0;
+    C10_CUDA_CHECK(cudaMemGetInfo(&free_bytes, &total_bytes));
+    const int64_t block_bytes = std::max<int64_t>(1, total * int64_t(c10::elementSize(P.ct)));
+    const int64_t fit = std::max<int64_t>(1, int64_t(free_bytes / 2) / block_bytes);
+    c.grid = std::min({P.N * P.H, 2 * int64_t(sms), fit});
     c.work = at::empty({c.grid, total}, P.options());
   }
   return c;
