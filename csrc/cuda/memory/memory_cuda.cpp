@@ -1,7 +1,8 @@
 // CUDA backend of miras_ext::memory_chunk_fwd / memory_chunk_bwd (csrc/ops.cpp): the host side. The checks,
 // states, checkpoints and positions are those of the CPU op (common/memory_problem.h); the chunk schedule
-// (common/schedule.h) goes to the device in one small copy, and one block per (sequence, head) runs all the
-// runs of its sequence (cuda/memory/memory_kernels.cuh, launched from memory_{f32,f64,f16,bf16}.cu).
+// (common/schedule.h) goes to the device in one small copy, and each block runs (sequence, head) pairs in
+// turn, all the runs of a pair's sequence (cuda/memory/memory_kernels.cuh, launched from
+// memory_{f32,f64,f16,bf16}.cu).
 //
 // Layouts (cuda/memory/memory_args.h): q, k, v, o and their gradients stay [B, T, H, D] in q's dtype, made
 // contiguous; gates and delta are converted to contiguous tensors in the accumulation dtype (float64 for
