@@ -188,51 +188,77 @@ struct MemoryBlock {
     return args.delta + tok * (sp.delta_layout == DeltaLayout::per_channel ? Dv : 1);
   }
 
-  // Token t's step of every weight tensor: src -> dst (may alias), Eqs. 5.8-5.9 as recurrences.
-  __device__ void token_update(int t, const A* const zsrc[], A* const zdst[], const A* const ssrc[],
-                               A* const sdst[]) const {
+  // Token t of the token loop: each weight tensor steps from src to dst (which may alias) by Eq. 4.1 or 4.2,
+  // and the read (Eq. 4.3) at phi(Z_t) follows in the same pass: a warp updates a row and takes its dot
+  // product with the layer's input at once (KL by an online softmax, l_q scaled by its norm afterwards).
+  // Keeps the read's inputs and pre-activations (rin, rpre); writes o when `write` (the forward).
+  __device__ void token_step(int64_t t0, int t, const A* const zsrc[], A* const zdst[], const A* const ssrc[],
+                             A* const sdst[], bool write) const {
+    using std::exp;
+    using std::pow;
+    using std::sqrt;
+    const int64_t tok = token(t0 + t);
     const A* e = gate(kLr, t);
     const A* al = gate(kAlpha, t);
     const A* m = gate(kMom, t);
-    for (int l = 0; l < L; ++l) {
-      const int in = in_of(l);
-      const A* d = deltas(t, l);
-      const A* a = acts(t, l);
-      for (int64_t x = threadIdx.x; x < sp.size(l); x += blockDim.x) {
-        const int i = int(x / in), j = int(x % in), c = channel(l, i, j);
-        const A grad = d[i] * a[j];
-        A z = zsrc[l][x];
-        if (sp.momentum) {
-          const A s = m[c] * ssrc[l][x] - e[c] * grad;
-          sdst[l][x] = s;
-          z = al[c] * z + s;
-        } else {
-          z = al[c] * z - e[c] * grad;
-        }
-        zdst[l][x] = z;
-      }
-    }
-    __syncthreads();
-  }
-
-  // Token t's read of the memory Z (Eq. 4.3): rin / rpre of every layer, returns nothing; o written when
-  // `write` (the forward), else the values are kept for the backward.
-  __device__ void token_read(int64_t t0, int t, A* const z[], bool write) const {
-    const int64_t tok = token(t0 + t);
     for (int j = threadIdx.x; j < Dk; j += blockDim.x) rin(t, 0)[j] = A(sp.scale) * to_acc(args.q[tok * Dk + j]);
     __syncthreads();
+    const int lane = threadIdx.x % kWarp;
     for (int l = 0; l < L; ++l) {
       const int in = in_of(l), out = out_of(l);
-      const A* zl = z[l];
-      const LinkStats<A> st = link_stats(sp, zl, out, in, rows(l));
+      const A* d = deltas(t, l);
+      const A* a = acts(t, l);
       const A* h = rin(t, l);
       A* u = rpre(t, l);
-      const int lane = threadIdx.x % kWarp;
+      const LinkStats<A> none{};
+      A norm_part = 0;  // l_q: sum |Z_t|^q
       for (int i = threadIdx.x / kWarp; i < out; i += kMemoryWarps) {
-        A s = 0;
-        for (int j = lane; j < in; j += kWarp) s += phi(sp, st, zl[int64_t(i) * in + j], i) * h[j];
-        s = warp_sum(s);
-        if (lane == 0) u[i] = s;
+        A dot = 0, top = -INFINITY, mass = 0;  // KL: running max and sum exp(z - top) of the lane's entries
+        for (int j = lane; j < in; j += kWarp) {
+          const int64_t x = int64_t(i) * in + j;
+          const int c = channel(l, i, j);
+          const A grad = d[i] * a[j];
+          A z = zsrc[l][x];
+          if (sp.momentum) {
+            const A sv = m[c] * ssrc[l][x] - e[c] * grad;
+            sdst[l][x] = sv;
+            z = al[c] * z + sv;
+          } else {
+            z = al[c] * z - e[c] * grad;
+          }
+          zdst[l][x] = z;
+          if (sp.link == Link::kl) {
+            if (z > top) {
+              const A shrink = exp(top - z);
+              mass = mass * shrink + A(1);
+              dot = dot * shrink + h[j];
+              top = z;
+            } else {
+              const A w = exp(z - top);
+              mass += w;
+              dot += w * h[j];
+            }
+          } else {
+            if (sp.link == Link::lq) norm_part += pow(std::abs(z), A(sp.norm_order));
+            dot += (sp.link == Link::lq ? z : phi(sp, none, z, i)) * h[j];
+          }
+        }
+        if (sp.link == Link::kl) {
+          const A row_top = warp_max(top);
+          const A w = top == -INFINITY ? A(0) : exp(top - row_top);
+          mass = warp_sum(mass * w);
+          dot = warp_sum(dot * w);
+          const A c = sp.simplex_scale > 0 ? A(sp.simplex_scale) : sqrt(A(in));
+          if (lane == 0) u[i] = c * dot / mass;
+        } else {
+          dot = warp_sum(dot);
+          if (lane == 0) u[i] = dot;
+        }
+      }
+      if (sp.link == Link::lq) {  // W = Z (sum |Z|^q + eps)^(-(q - 2) / q) (Eq. 3.5)
+        const A q = A(sp.norm_order);
+        const A scale = pow(block_sum(norm_part) + A(kNormEps), -(q - A(2)) / q);
+        for (int i = threadIdx.x; i < out; i += blockDim.x) u[i] *= scale;
       }
       __syncthreads();
       if (l + 1 < L) {
@@ -782,8 +808,7 @@ struct MemoryBlock {
         states_at(t - 1, s0, true, ss);
         states_at(t, s0, true, sd);
       }
-      token_update(t, zs, zd, ss, sd);
-      token_read(t0, t, zd, false);
+      token_step(t0, t, zs, zd, ss, sd, false);
     }
     for (int t = n - 1; t >= 0; --t) {
       A* zt[kMaxLayers];
@@ -836,10 +861,7 @@ __device__ void forward_item(const MemoryArgs<T, A>& args, int64_t item) {
       blk.factored_read(run.token0, n, mem, true);
       blk.factored_end(n, mem);
     } else {
-      for (int t = 0; t < n; ++t) {
-        blk.token_update(t, mem, mem, mom, mom);
-        blk.token_read(run.token0, t, mem, true);
-      }
+      for (int t = 0; t < n; ++t) blk.token_step(run.token0, t, mem, mem, mom, mom, true);
     }
     if (sp.retained) blk.scale_by_cum(n - 1, anc);
     __syncthreads();
