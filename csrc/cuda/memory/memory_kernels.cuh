@@ -70,6 +70,14 @@ struct MemoryBlock {
   __device__ int64_t ck_row(int l, int64_t row) const { return (row * args.H + head) * sp.size(l); }
   __device__ int64_t token(int64_t t) const { return (batch * args.T_len + t) * args.H + head; }
 
+  // This pair's rows of per-layer tensors: states [N*H, *shape] (row < 0) or checkpoints [S_max*H, *shape]
+  // at checkpoint row `row`; null where a tensor is absent (momentum of GD).
+  __device__ void rows_of(A* const base[], int64_t row, A* out[]) const {
+    for (int l = 0; l < L; ++l) {
+      out[l] = base[l] == nullptr ? nullptr : base[l] + (row < 0 ? state_row(l) : ck_row(l, row));
+    }
+  }
+
   // Per-token arrays of the workspace.
   __device__ A* acts(int t, int l) const { return ws + lay.acts + int64_t(t) * ins + insoff[l]; }
   __device__ A* back(int t, int l) const { return ws + lay.back + int64_t(t) * ins + insoff[l]; }
@@ -266,16 +274,35 @@ struct MemoryBlock {
         __syncthreads();
       }
     }
-    if (write && threadIdx.x < kWarp) {
-      const A* u = rpre(t, L - 1);
-      const A* x = rin(t, 0);
-      T* o = args.o + tok * Dv;
-      if (sp.residual) {
-        const RowNorm<A> nrm = row_norm(u, Dv);
-        for (int j = threadIdx.x; j < Dv; j += kWarp) o[j] = from_acc<T>(x[j] + (u[j] - nrm.mean) * nrm.rstd);
-      } else {
-        for (int j = threadIdx.x; j < Dv; j += kWarp) o[j] = from_acc<T>(u[j]);
-      }
+    if (write && threadIdx.x < kWarp) write_output(t0, t);
+  }
+
+  // o_t = x + LN(u_L) with the residual norm, else u_L (Eqs. 1.4, 4.3), from the kept read; by one warp.
+  __device__ void write_output(int64_t t0, int t) const {
+    const A* u = rpre(t, L - 1);
+    const A* x = rin(t, 0);
+    T* o = args.o + token(t0 + t) * Dv;
+    const int lane = threadIdx.x % kWarp;
+    if (sp.residual) {
+      const RowNorm<A> nrm = row_norm(u, Dv);
+      for (int j = lane; j < Dv; j += kWarp) o[j] = from_acc<T>(x[j] + (u[j] - nrm.mean) * nrm.rstd);
+    } else {
+      for (int j = lane; j < Dv; j += kWarp) o[j] = from_acc<T>(u[j]);
+    }
+  }
+
+  // The read-out reversed for token t, by one warp: du, the upstream of the last layer's pre-activations,
+  // and dx, the gradient of scale q through the residual; `stage` holds grad_o in A.
+  __device__ void output_backward(int64_t t0, int t, A* stage, A* du, A* dx) const {
+    const T* go = args.grad_o + token(t0 + t) * Dv;
+    const int lane = threadIdx.x % kWarp;
+    for (int j = lane; j < Dv; j += kWarp) stage[j] = to_acc(go[j]);
+    __syncwarp();
+    for (int j = lane; j < Dk; j += kWarp) dx[j] = sp.residual ? stage[j] : A(0);  // residual: Dk = Dv
+    if (sp.residual) {
+      row_layer_norm_backward(rpre(t, L - 1), stage, du, Dv, false);
+    } else {
+      for (int j = lane; j < Dv; j += kWarp) du[j] = stage[j];
     }
   }
 
@@ -326,18 +353,7 @@ struct MemoryBlock {
     A* du = vec(0);
     A* dh = vec(1);
     A* dx = vec(2);
-    A* go = vec(3);
-    for (int j = threadIdx.x; j < Dv; j += blockDim.x) go[j] = to_acc(args.grad_o[tok * Dv + j]);
-    __syncthreads();
-    if (threadIdx.x < kWarp) {
-      if (sp.residual) {
-        row_layer_norm_backward(rpre(t, L - 1), go, du, Dv, false);
-        for (int j = threadIdx.x; j < Dv; j += kWarp) dx[j] = go[j];
-      } else {
-        for (int j = threadIdx.x; j < Dv; j += kWarp) du[j] = go[j];
-        for (int j = threadIdx.x; j < Dk; j += kWarp) dx[j] = 0;
-      }
-    }
+    if (threadIdx.x < kWarp) output_backward(t0, t, vec(3), du, dx);
     __syncthreads();
     for (int l = L - 1; l >= 0; --l) {
       const int in = in_of(l), out = out_of(l);
@@ -625,17 +641,7 @@ struct MemoryBlock {
       __syncthreads();
     }
     if (!write) return;
-    for (int t = threadIdx.x / kWarp; t < n; t += kMemoryWarps) {
-      const A* u = rpre(t, L - 1);
-      const A* x = rin(t, 0);
-      T* o = args.o + token(t0 + t) * Dv;
-      if (sp.residual) {
-        const RowNorm<A> nrm = row_norm(u, Dv);
-        for (int j = threadIdx.x % kWarp; j < Dv; j += kWarp) o[j] = from_acc<T>(x[j] + (u[j] - nrm.mean) * nrm.rstd);
-      } else {
-        for (int j = threadIdx.x % kWarp; j < Dv; j += kWarp) o[j] = from_acc<T>(u[j]);
-      }
-    }
+    for (int t = threadIdx.x / kWarp; t < n; t += kMemoryWarps) write_output(t0, t);
     __syncthreads();
   }
 
@@ -722,18 +728,7 @@ struct MemoryBlock {
     }
     // Reads, last layer first (9.2).
     for (int t = threadIdx.x / kWarp; t < n; t += kMemoryWarps) {
-      const T* go = args.grad_o + token(t0 + t) * Dv;
-      A* g = gu + int64_t(t) * wide;
-      A* x = gx + int64_t(t) * wide;
-      const int lane = threadIdx.x % kWarp;
-      for (int j = lane; j < Dk; j += kWarp) x[j] = sp.residual ? to_acc(go[j]) : A(0);  // residual: Dk = Dv
-      if (sp.residual) {
-        for (int j = lane; j < Dv; j += kWarp) gh[int64_t(t) * wide + j] = to_acc(go[j]);
-        __syncwarp();
-        row_layer_norm_backward(rpre(t, L - 1), gh + int64_t(t) * wide, g, Dv, false);
-      } else {
-        for (int j = lane; j < Dv; j += kWarp) g[j] = to_acc(go[j]);
-      }
+      output_backward(t0, t, gh + int64_t(t) * wide, gu + int64_t(t) * wide, gx + int64_t(t) * wide);
     }
     __syncthreads();
     for (int l = L - 1; l >= 0; --l) {
@@ -833,11 +828,9 @@ __device__ void forward_item(const MemoryArgs<T, A>& args, int64_t item) {
   A* mem[kMaxLayers];
   A* mom[kMaxLayers];
   A* anc[kMaxLayers];
-  for (int l = 0; l < L; ++l) {
-    mem[l] = args.memory[l] + blk.state_row(l);
-    mom[l] = sp.momentum ? args.momentum[l] + blk.state_row(l) : nullptr;
-    anc[l] = args.anchor[l] + blk.state_row(l);
-  }
+  blk.rows_of(args.memory, -1, mem);
+  blk.rows_of(args.momentum, -1, mom);
+  blk.rows_of(args.anchor, -1, anc);
   for (int64_t r = args.seq_begin[blk.seq]; r < args.seq_begin[blk.seq + 1]; ++r) {
     const RunDesc run = args.runs[r];
     const int n = run.len;
@@ -876,11 +869,9 @@ __device__ void backward_item(const MemoryArgs<T, A>& args, int64_t item) {
   A* gmem[kMaxLayers];
   A* gmom[kMaxLayers];
   A* ganc[kMaxLayers];
-  for (int l = 0; l < L; ++l) {
-    gmem[l] = args.memory[l] + blk.state_row(l);
-    gmom[l] = sp.momentum ? args.momentum[l] + blk.state_row(l) : nullptr;
-    ganc[l] = args.anchor[l] + blk.state_row(l);
-  }
+  blk.rows_of(args.memory, -1, gmem);
+  blk.rows_of(args.momentum, -1, gmom);
+  blk.rows_of(args.anchor, -1, ganc);
   for (int64_t r = args.seq_begin[blk.seq + 1] - 1; r >= args.seq_begin[blk.seq]; --r) {
     const RunDesc run = args.runs[r];
     const int n = run.len;
@@ -888,12 +879,9 @@ __device__ void backward_item(const MemoryArgs<T, A>& args, int64_t item) {
     A* z0[kMaxLayers];
     A* s0[kMaxLayers];
     A* anc[kMaxLayers];
-    for (int l = 0; l < L; ++l) {
-      const int64_t row = blk.ck_row(l, run.ck_row);
-      z0[l] = args.ck_memory[l] + row;
-      s0[l] = sp.momentum ? args.ck_momentum[l] + row : nullptr;
-      anc[l] = args.ck_anchor[l] + row;
-    }
+    blk.rows_of(args.ck_memory, run.ck_row, z0);
+    blk.rows_of(args.ck_momentum, run.ck_row, s0);
+    blk.rows_of(args.ck_anchor, run.ck_row, anc);
     blk.load_gates(run.token0, n);
     for (int p = threadIdx.x; p < 4 * blk.max_run() * blk.Dg; p += blockDim.x) blk.ws[blk.lay.dgates + p] = 0;
     const A* wb[kMaxLayers];
