@@ -3,7 +3,7 @@ csrc/cuda/memory/tile_mma.cuh (tests/cuda_emu/drivers/tile_mma_driver.cpp).
 
 - wmma: load / mma / store for m16n16k16, m32n8k16 and m8n32k16, every operand layout, __half and __nv_bfloat16,
   two warps, equal bitwise to float sums in k order on the host, and nothing written outside the tiles.
-- tile_rows_product, tile_cols_product and tile_outer_accumulate for n in {1, 5, 16, 37, 64} and out, in in
+- tile_gemm as rows (X W^T), cols (D W) and outer (P^T Q) products for n in {1, 5, 16, 37, 64} and out, in in
   {3, 17, 64, 100} (480 cases), against a double-precision reference on the same rounded operands, with strided
   operands at unaligned addresses; outputs start as NaN (or random when accumulating) and the entries around
   them must stay untouched.

@@ -146,27 +146,4 @@ __device__ void tile_gemm(const float* a, int lda, bool a_trans, const float* b,
   }
 }
 
-// The three products of the memory kernels, for W [out][in] row-major and n tokens whose rows lie ld apart.
-
-// U[n][out] (+)= X[n][in] W^T (MemoryBlock::rows_product).
-template <typename Half>
-__device__ void tile_rows_product(int n, int out, int in, const float* w, const float* x, int ldx, float* u, int ldu,
-                                  bool accumulate) {
-  tile_gemm<Half>(x, ldx, false, w, in, true, u, ldu, n, out, in, accumulate);
-}
-
-// R[n][in] (+)= D[n][out] W (MemoryBlock::cols_product).
-template <typename Half>
-__device__ void tile_cols_product(int n, int out, int in, const float* w, const float* d, int ldd, float* r, int ldr,
-                                  bool accumulate) {
-  tile_gemm<Half>(d, ldd, false, w, in, false, r, ldr, n, in, out, accumulate);
-}
-
-// dW[out][in] += P[n][out]^T Q[n][in] (MemoryBlock::outer_accumulate).
-template <typename Half>
-__device__ void tile_outer_accumulate(int n, int out, int in, float* dw, const float* p, int ldp, const float* q,
-                                      int ldq) {
-  tile_gemm<Half>(p, ldp, true, q, ldq, false, dw, in, out, in, n, true);
-}
-
 }  // namespace miras::cuda

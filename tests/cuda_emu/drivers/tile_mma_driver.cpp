@@ -3,7 +3,7 @@
 //   wmma          load / mma / store of m16n16k16, m32n8k16, m8n32k16 in every layout, __half and
 //                 __nv_bfloat16, two warps, against float sums in k order on the host (bitwise); prints
 //                 "summary: N checks, F failures"
-//   products      tile_rows_product, tile_cols_product, tile_outer_accumulate for n in {1, 5, 16, 37, 64} and
+//   products      tile_gemm as rows (X W^T), cols (D W) and outer (P^T Q) products for n in {1, 5, 16, 37, 64} and
 //                 out, in in {3, 17, 64, 100}, __half and __nv_bfloat16, against a double-precision reference on
 //                 the same rounded operands; one line per failing case, then "summary: N cases, F failures,
 //                 max_err=E max_err_unrounded_half=H max_err_unrounded_bf16=B" (errors relative to the largest
@@ -177,14 +177,17 @@ struct Problem {
   bool accumulate;
 };
 
+// The three shapes of product the memory kernels take, for W [out][in] row-major and n token rows ld apart:
+// rows U[n][out] (+)= X[n][in] W^T, cols R[n][in] (+)= D[n][out] W, outer dW[out][in] += P[n][out]^T Q[n][in].
 template <typename Half>
 __global__ void product_kernel(Problem p) {
+  using miras::cuda::tile_gemm;
   if (p.variant == kRows) {
-    miras::cuda::tile_rows_product<Half>(p.n, p.out, p.in, p.w, p.x, p.ldx, p.y, p.ldy, p.accumulate);
+    tile_gemm<Half>(p.x, p.ldx, false, p.w, p.in, true, p.y, p.ldy, p.n, p.out, p.in, p.accumulate);
   } else if (p.variant == kCols) {
-    miras::cuda::tile_cols_product<Half>(p.n, p.out, p.in, p.w, p.x, p.ldx, p.y, p.ldy, p.accumulate);
+    tile_gemm<Half>(p.x, p.ldx, false, p.w, p.in, false, p.y, p.ldy, p.n, p.in, p.out, p.accumulate);
   } else {
-    miras::cuda::tile_outer_accumulate<Half>(p.n, p.out, p.in, p.y, p.x, p.ldx, p.q, p.ldq);
+    tile_gemm<Half>(p.x, p.ldx, true, p.q, p.ldq, false, p.y, p.in, p.out, p.in, p.n, true);
   }
 }
 
