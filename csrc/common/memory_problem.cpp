@@ -197,14 +197,7 @@ void unflat_states(TensorVec& xs, const Problem& P) {
 }
 
 int64_t used_checkpoint_rows(const Problem& P) {
-  if (!P.varlen) {
-    return P.N * static_cast<int64_t>(segments(P.N ? P.pos[0] % P.chunk : 0, P.T, P.chunk, P.mp.lag_token).size());
-  }
-  int64_t rows = 0;
-  for (int64_t i = 0; i < P.N; ++i) {
-    rows += static_cast<int64_t>(segments(P.pos[i] % P.chunk, P.cu[i + 1] - P.cu[i], P.chunk, P.mp.lag_token).size());
-  }
-  return rows;
+  return make_schedule(P.pos, P.cu, P.T, P.chunk, P.mp.lag_token).used_rows;
 }
 
 Checkpoints allocate_checkpoints(const Problem& P, int64_t used, TensorVec& out) {
