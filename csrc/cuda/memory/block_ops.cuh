@@ -8,10 +8,9 @@
 
 #include "common/bias.h"
 #include "cuda/acc_types.cuh"
+#include "cuda/memory/memory_args.h"
 
 namespace miras::cuda {
-
-constexpr int kMemoryWarps = 8;  // kMemoryThreads / kWarp, see memory_args.h
 
 // The sum of x over the block, returned to every thread (fixed order: deterministic).
 template <typename A>

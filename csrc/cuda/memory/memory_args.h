@@ -11,6 +11,7 @@ namespace miras::cuda {
 
 constexpr int kMaxLayers = 4;       // MLP layers the kernels take
 constexpr int kMemoryThreads = 256;  // threads per block; a block runs one (sequence, head) pair at a time
+constexpr int kMemoryWarps = kMemoryThreads / 32;
 
 enum class Link : int32_t { identity, lq, kl, elastic_net, sigmoid };  // W = phi(Z), Eqs. 3.1, 3.5-3.8
 

@@ -37,16 +37,15 @@
 
 namespace miras::cuda {
 
-constexpr int kTileWarps = kMemoryThreads / kWarp;
-constexpr int kTileMaxTiles = 2 * kTileWarps;  // 16 x 16 output tiles per pass, two per warp
-constexpr int kTilesPerWarp = kTileMaxTiles / kTileWarps;
+constexpr int kTileMaxTiles = 2 * kMemoryWarps;  // 16 x 16 output tiles per pass, two per warp
+constexpr int kTilesPerWarp = kTileMaxTiles / kMemoryWarps;
 constexpr int kTileK = 32;    // K per staged chunk: two wmma k-steps
 constexpr int kTilePad = 8;   // 16-bit elements after each staged row (ldm stays a multiple of 8, 32-byte tiles)
 constexpr int kTileLdA = kTileK + kTilePad;
 constexpr int kTileAElems = 4 * 16 * kTileLdA;                        // at most 4 tile rows
 constexpr int kTileBElems = kTileK * (16 * kTileMaxTiles + kTilePad);  // at most 16 tile columns
 constexpr int kTileStageBytes = 2 * (kTileAElems + kTileBElems);
-constexpr int kTileSlabBytes = kTileWarps * 16 * 16 * int(sizeof(float));
+constexpr int kTileSlabBytes = kMemoryWarps * 16 * 16 * int(sizeof(float));
 constexpr int kTileSmemBytes = kTileStageBytes > kTileSlabBytes ? kTileStageBytes : kTileSlabBytes;
 static_assert(kTileAElems * 2 % 32 == 0, "the B chunk must start 256-bit aligned");
 
@@ -110,7 +109,7 @@ __device__ void tile_gemm(const float* a, int lda, bool a_trans, const float* b,
         tile_stage(sb, ldb_s, b, ldb, b_trans, k0, n0, 16 * ksteps, 16 * tiles_n, K, N);
         if constexpr (kBarriers != TileBarriers::skip_after_staging) __syncthreads();
         for (int i = 0; i < kTilesPerWarp; ++i) {
-          const int t = warp + i * kTileWarps;  // the same in the whole warp
+          const int t = warp + i * kMemoryWarps;  // the same in the whole warp
           if (t >= tiles) break;
           const Half* ta = sa + (t / tiles_n) * 16 * kTileLdA;
           const Half* tb = sb + (t % tiles_n) * 16;
@@ -127,7 +126,7 @@ __device__ void tile_gemm(const float* a, int lda, bool a_trans, const float* b,
       // The slabs overlap the staging buffers: every warp is past its last load (the barrier above).
       float* slab = reinterpret_cast<float*>(smem) + warp * 16 * 16;
       for (int i = 0; i < kTilesPerWarp; ++i) {
-        const int t = warp + i * kTileWarps;
+        const int t = warp + i * kMemoryWarps;
         if (t >= tiles) break;
         wmma::store_matrix_sync(slab, acc[i], 16, wmma::mem_row_major);
         if constexpr (kBarriers != TileBarriers::skip_after_store) __syncwarp();  // lanes read others' entries
