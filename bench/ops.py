@@ -4,6 +4,7 @@ and titans-pytorch's NeuralMemory, forward and forward+backward. See docs/perfor
     .venv/bin/python bench/ops.py                    # T = 512, 2048, 8192
     .venv/bin/python bench/ops.py --quick            # smoke run, small T, few repetitions
     .venv/bin/python bench/ops.py --install-titans   # pip-install bench/requirements.txt first (keeps torch)
+    .venv/bin/python bench/ops.py --specs            # every preset's spec, op vs reference (bench/specs.py)
 
 Timing: every (case, mode) of one T is built once; after `--warmup` calls each, `--reps` rounds call the
 cases in turn (alternating, so drift hits every case alike) and the median is reported. "fwd" runs under
@@ -280,12 +281,22 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="smoke run: T = 128 256, 2 repetitions, no warm-up")
     ap.add_argument("--reps", type=int, default=None, help="timed repetitions per case (default 5)")
     ap.add_argument("--warmup", type=int, default=None, help="untimed calls per case first (default 1)")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=None, help="default 2 (--specs: 1)")
     ap.add_argument("--cases", default=",".join(CASES), help="comma-separated subset of " + ",".join(CASES))
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     ap.add_argument("--install-titans", action="store_true", help="pip install -r bench/requirements.txt first")
+    ap.add_argument("--specs", action="store_true", help="every preset's spec instead (bench/specs.py)")
+    ap.add_argument("--only", default=None, help="--specs: comma-separated presets (default all)")
     ap.add_argument("--_memory", nargs=3, metavar=("CASE", "MODE", "T"), help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.specs:
+        import specs
+        args.threads = args.threads or 1
+        if args.cases == ",".join(CASES):
+            args.cases = ",".join(specs.CASES)
+        print("JSON " + json.dumps(specs.run(args), default=str))
+        return
+    args.threads = args.threads or 2
 
     if args._memory:
         name, mode, t_len = args._memory

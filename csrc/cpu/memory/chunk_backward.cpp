@@ -11,6 +11,7 @@ namespace {
 struct Acc {
   Tensor dC, dA, dP, dCS, dMc;
   Tensor det;  // gradient of e~ (factored runs, Eq. 5.12)
+  Tensor de, dalpha, dmom;  // gate gradients [G, n, Dg] of linked runs (the token loop, Eq. 5.14)
   std::vector<Tensor> dz0, ds0, danchor, dd, da;
 };
 
@@ -103,35 +104,20 @@ Tensor dual_read_backward(const Forward& f, Acc& g, int l, const Tensor& h, cons
   return dh + (ds * c.C * a.unsqueeze(1)).sum(2);
 }
 
-// Backward of a materialised read under a nonlinear link (Eqs. 5.11, 9.3); returns the gradient of h.
-Tensor linked_read_backward(const MemoryParams& p, const Forward& f, Acc& g, int l, const Tensor& h,
-                            const Tensor& du, const Tensor& z0, const Tensor& s0) {
-  const Coefficients& c = f.c;
-  const int side = f.side[l];
-  const Tensor dz = link_backward(p, f.rz[l], du.unsqueeze(-1) * h.unsqueeze(-2));
-  if (c.factored) {  // Z_t = A_t (Z_0 - sum_{i <= t} G~_i) (Eq. 5.12)
-    g.dA += gate_reduce(dz * f.ru[l], side, f.Dg);
-    const Tensor dU = gate_matrix(c.alpha.cum, side) * dz;
-    g.dz0[l] += dU.sum(1);
-    // Each G~_i enters every Z_t with t >= i: a reverse cumulative sum.
-    const Tensor r = -at::flip(at::cumsum(at::flip(dU, {1}), 1), {1});
-    const Factored ft = factored_terms(c, side, f.deltas[l], f.acts[l]);
-    const Tensor dft_d = at::matmul(r, ft.a.unsqueeze(-1)).squeeze(-1);
-    const Tensor dft_a = at::matmul(r.transpose(-1, -2), ft.d.unsqueeze(-1)).squeeze(-1);
-    add_factored_grads(f, g, l, dft_d, dft_a);
-    return at::matmul(f.rw[l].transpose(-1, -2), du.unsqueeze(-1)).squeeze(-1);
-  }
-  g.dz0[l] += (gate_matrix(c.alpha.cum, side) * dz).sum(1);
-  g.dA += gate_reduce(dz * z0.unsqueeze(1), side, f.Dg);
-  if (s0.defined()) {
-    g.ds0[l] += (gate_matrix(c.P, side) * dz).sum(1);
-    g.dP += gate_reduce(dz * s0.unsqueeze(1), side, f.Dg);
-  }
-  const AccumulateGrads ag = accumulate_backward(-dz, c.C, f.deltas[l], f.acts[l], side);
-  g.dC += ag.Ct;
-  g.dd[l] += ag.d;
-  g.da[l] += ag.a;
-  return at::matmul(f.rw[l].transpose(-1, -2), du.unsqueeze(-1)).squeeze(-1);
+// Backward of a linked read (Eq. 5.14): the token loop walks the run in reverse from the end state's
+// gradients gz, gs; returns the gradient of h.
+Tensor linked_read_backward(const MemoryParams& p, const Forward& f, const ChunkInputs& in, Acc& g, int l,
+                            const Tensor& du, const Tensor& z0, const Tensor& s0, const Tensor& gz,
+                            const Tensor& gs) {
+  const LoopGrads lg = token_loop_backward(p, loop_inputs(f, in, l, z0, s0), du, gz, gs);
+  g.dz0[l] += lg.z0;
+  if (s0.defined()) g.ds0[l] += lg.s0;
+  g.dd[l] += lg.d;
+  g.da[l] += lg.a;
+  g.de += lg.e;
+  g.dalpha += lg.alpha;
+  if (g.dmom.defined()) g.dmom += lg.m;
+  return lg.h;
 }
 
 }  // namespace
@@ -153,13 +139,17 @@ ChunkGrads chunk_backward(const MemoryParams& p, const ChunkInputs& in, const Ch
   };
 
   Acc g;
-  if (c.factored) {
+  if (p.linked()) {
+    g.de = at::zeros_like(c.e);
+    g.dalpha = at::zeros_like(c.e);
+    if (p.momentum()) g.dmom = at::zeros_like(c.e);
+  } else if (c.factored) {
     g.det = at::zeros_like(c.et);
   } else {
     g.dC = at::zeros_like(c.C);
   }
-  g.dA = at::zeros_like(c.alpha.cum);
-  if (p.momentum()) {
+  if (!p.linked()) g.dA = at::zeros_like(c.alpha.cum);
+  if (p.momentum() && !p.linked()) {
     g.dP = at::zeros_like(c.P);
     g.dCS = at::zeros_like(c.CS);
     g.dMc = at::zeros_like(c.mom.cum);
@@ -177,6 +167,10 @@ ChunkGrads chunk_backward(const MemoryParams& p, const ChunkInputs& in, const Ch
     const int side = f.side[l];
     const Tensor gz = end_grad(grad_end.memory, l, start.memory[l]);
     const Tensor gh = end_grad(grad_end.anchor, l, start.anchor[l]);
+    if (p.linked()) {  // the end state enters the token loop's reverse walk
+      g.danchor[l] += gh;
+      continue;
+    }
     if (p.grad_at_retained) {
       g.danchor[l] += gate_matrix(c.alpha.cum.select(1, n - 1), side) * gh;
       g.dA.select(1, n - 1).add_(gate_reduce(gh * start.anchor[l], side, f.Dg));
@@ -219,8 +213,11 @@ ChunkGrads chunk_backward(const MemoryParams& p, const ChunkInputs& in, const Ch
   Tensor du = residual ? layer_norm_backward(f.rpre.back(), grad_o) : grad_o;
   for (int l = L - 1; l >= 0; --l) {
     const Tensor s0 = p.momentum() ? start.momentum[l] : Tensor();
-    const Tensor dh = p.linked() ? linked_read_backward(p, f, g, l, f.rin[l], du, start.memory[l], s0)
-                                 : dual_read_backward(f, g, l, f.rin[l], du, start.memory[l], s0);
+    const auto given = [l](const std::vector<Tensor>& v) { return size_t(l) < v.size() ? v[l] : Tensor(); };
+    const Tensor dh =
+        p.linked() ? linked_read_backward(p, f, in, g, l, du, start.memory[l], s0, given(grad_end.memory),
+                                          given(grad_end.momentum))
+                   : dual_read_backward(f, g, l, f.rin[l], du, start.memory[l], s0);
     if (l > 0) {
       du = dh * activation_grad(p, f.rpre[l - 1]);
     } else {
@@ -275,7 +272,11 @@ ChunkGrads chunk_backward(const MemoryParams& p, const ChunkInputs& in, const Ch
   // Coefficients to gates (Eq. 9.5).
   const Tensor e_cols = c.e.unsqueeze(1);
   Tensor de, dDa;
-  if (c.factored) {  // e~ = e / A, A = cumprod(alpha); alpha > 0 here
+  if (p.linked()) {
+    out.lr = g.de;
+    if (in.alpha.defined()) out.alpha = g.dalpha;
+    out.momentum = g.dmom;
+  } else if (c.factored) {  // e~ = e / A, A = cumprod(alpha); alpha > 0 here
     out.lr = g.det / c.alpha.cum;
     if (in.alpha.defined()) {
       const Tensor dA = g.dA - g.det * c.et / c.alpha.cum;
@@ -297,7 +298,7 @@ ChunkGrads chunk_backward(const MemoryParams& p, const ChunkInputs& in, const Ch
     de = (g.dC * c.alpha.D).sum(1);
     dDa = g.dC * e_cols;
   }
-  if (!c.factored) {
+  if (!c.factored && !p.linked()) {
     if (in.alpha.defined()) out.alpha = decay_backward(c.alpha, dDa, g.dA);
     out.lr = de;
   }

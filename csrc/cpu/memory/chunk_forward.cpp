@@ -37,21 +37,12 @@ Tensor dual_read(Forward& f, int l, const Tensor& h, const Tensor& z0, const Ten
   return u - at::matmul(s, d);
 }
 
-// Z_t of weight tensor l for every token of the run (Eqs. 5.8-5.9, 5.12), [G, n, out, in]. Factored runs
-// also record Z_0 - sum_{i <= t} G~_i in f.ru.
-Tensor all_states(Forward& f, int l, const Tensor& z0, const Tensor& s0) {
-  const Coefficients& c = f.c;
-  if (c.factored) {
-    const Factored ft = factored_terms(c, f.side[l], f.deltas[l], f.acts[l]);
-    f.ru.push_back(z0.unsqueeze(1) - at::cumsum(ft.d.unsqueeze(-1) * ft.a.unsqueeze(-2), 1));
-    return gate_matrix(c.alpha.cum, f.side[l]) * f.ru.back();
-  }
-  Tensor z = gate_matrix(c.alpha.cum, f.side[l]) * z0.unsqueeze(1);
-  if (s0.defined()) z = z + gate_matrix(c.P, f.side[l]) * s0.unsqueeze(1);
-  return z - accumulate(c.C, f.deltas[l], f.acts[l], f.side[l]);
-}
-
 }  // namespace
+
+LoopInputs loop_inputs(const Forward& f, const ChunkInputs& in, int l, const Tensor& z0, const Tensor& s0) {
+  return LoopInputs{z0,         s0,           f.deltas[l],   f.acts[l], f.rin[l], f.c.e, as_channels(in.alpha),
+                    as_channels(in.momentum), f.side[l]};
+}
 
 Forward run_forward(const MemoryParams& p, const ChunkInputs& in, const ChunkState& start) {
   Forward f;
@@ -59,7 +50,11 @@ Forward run_forward(const MemoryParams& p, const ChunkInputs& in, const ChunkSta
   const Tensor lr = as_channels(in.lr);
   f.Dg = lr.size(-1);
   for (int l = 0; l < L; ++l) f.side.push_back(gate_side(p, l, p.per_channel));
-  f.c = coefficients(p, lr, as_channels(in.alpha), as_channels(in.momentum));
+  if (p.linked()) {  // the token loop (Eq. 5.13) takes the gates as they are
+    f.c.e = lr;
+  } else {
+    f.c = coefficients(p, lr, as_channels(in.alpha), as_channels(in.momentum));
+  }
   const bool residual = p.memory == Memory::Mlp && p.residual_norm;
 
   // Gradients at the anchor (Eqs. 5.1-5.5).
@@ -86,7 +81,7 @@ Forward run_forward(const MemoryParams& p, const ChunkInputs& in, const ChunkSta
     f.deltas[l - 1] = d;
   }
 
-  // The read (Eq. 4.3): dual form for W = Z, materialised states under a nonlinear link (Eq. 5.11).
+  // The read (Eq. 4.3): dual form for W = Z, the token loop under a nonlinear link (Eq. 5.13).
   f.x = in.q * p.scale;
   f.rdots.assign(L, Tensor());
   f.rv.assign(L, Tensor());
@@ -96,9 +91,10 @@ Forward run_forward(const MemoryParams& p, const ChunkInputs& in, const ChunkSta
     const Tensor s0 = p.momentum() ? start.momentum[l] : Tensor();
     Tensor u;
     if (p.linked()) {
-      f.rz.push_back(all_states(f, l, start.memory[l], s0));
-      f.rw.push_back(link(p, f.rz.back()));
-      u = at::matmul(f.rw.back(), h.unsqueeze(-1)).squeeze(-1);
+      const LoopForward lf = token_loop_forward(p, loop_inputs(f, in, l, start.memory[l], s0));
+      u = lf.u;
+      f.zend.push_back(lf.z);
+      f.send.push_back(lf.s);
     } else {
       u = dual_read(f, l, h, start.memory[l], s0);
     }
@@ -119,6 +115,11 @@ at::Tensor chunk_forward(const MemoryParams& p, const ChunkInputs& in, ChunkStat
                     "memory: the compiled op implements matrix and mlp memory; vector memory runs in "
                     "miras_ext.reference");
   const Forward f = run_forward(p, in, state);
+  if (p.linked()) {  // the token loop's end state (grad_at_retained is l2 only)
+    state.memory = f.zend;
+    if (p.momentum()) state.momentum = f.send;
+    return f.o;
+  }
   const Coefficients& c = f.c;
   const int64_t n = in.k.size(1);
   const Tensor a_end = c.alpha.cum.select(1, n - 1);

@@ -11,8 +11,6 @@ namespace miras::chunk {
 
 namespace {
 
-// Keeps the l_q normaliser of an all-zero state finite (Eq. 3.5).
-constexpr double kNormEps = 1e-12;
 // LayerNorm epsilon of the residual read-out (Eq. 1.4).
 constexpr double kLnEps = 1e-5;
 

@@ -8,10 +8,14 @@
 
 #include "common/memory_params.h"
 #include "cpu/memory/chunk.h"
+#include "cpu/memory/token_loop.h"
 
 namespace miras::chunk {
 
 using at::Tensor;
+
+// Keeps the l_q normaliser of an all-zero state finite (Eq. 3.5).
+constexpr double kNormEps = 1e-12;
 
 // Eq. 5.7: D[t, i] = prod_{i < j <= t} g_j (i <= t, else 0) as [G, n, n, Dg], and cum_t = prod_{j <= t} g_j.
 struct Decay {
@@ -21,7 +25,8 @@ Decay decay(const Tensor& g);
 // Gradient of g from gradients of D and cum, by the product rule without division (Eq. 9.5).
 Tensor decay_backward(const Decay& d, const Tensor& dD, const Tensor& dcum);
 
-// Coefficients of one run: C and A (Eq. 5.8); with momentum also P, CS, Mc (Eq. 5.9).
+// Coefficients of one run: C and A (Eq. 5.8); with momentum also P, CS, Mc (Eq. 5.9). Linked runs (token
+// loop, Eq. 5.13) only use e.
 //
 // Without momentum C[t, i] = A_t e_i / A_i, so every sum over i <= t factors into A_t times a masked matrix
 // product of e~_i = e_i / A_i (Eq. 5.12): `factored` runs use that and never form the [n, n, Dg] tensors.
@@ -101,10 +106,12 @@ struct Forward {
   Tensor y, g;                            // anchor prediction and bias gradient
   std::vector<Tensor> rin, rpre;          // read pass: layer inputs and pre-activations
   std::vector<Tensor> rdots, rv;          // factored dual reads: masked n x n products, and rows' u / A
-  std::vector<Tensor> rz, rw;             // materialised states and weights (nonlinear link only)
-  std::vector<Tensor> ru;                 // Z_0 - sum_{i <= t} G~_i of materialised factored runs
+  std::vector<Tensor> zend, send;         // end states of the token loop (nonlinear link only)
   Tensor o;
 };
 Forward run_forward(const MemoryParams& p, const ChunkInputs& in, const ChunkState& start);
+
+// The token loop's inputs for layer l of a linked run (Eq. 5.13): its factors, gates and read inputs.
+LoopInputs loop_inputs(const Forward& f, const ChunkInputs& in, int l, const Tensor& z0, const Tensor& s0);
 
 }  // namespace miras::chunk
