@@ -114,11 +114,12 @@ def run(args) -> dict:
           f"thread(s), torch {torch.__version__}, {platform.processor() or platform.machine()}; median of {reps} "
           f"after {warmup} warm-up; load {load[0]:.2f}/{load[1]:.2f} on {os.cpu_count()} CPUs")
     keys = [k for k in rows[0] if k != "spec"]
-    head = f"{'spec':<17}" + "".join(f"{k:>20}" for k in keys)
+    width = max(len(k) for k in keys) + 2
+    head = f"{'spec':<17}" + "".join(f"{k:>{width}}" for k in keys)
     print(head)
     print("-" * len(head))
     for r in rows:
-        print(f"{r['spec']:<17}" + "".join(f"{r[k]:>20.3g}" for k in keys))
+        print(f"{r['spec']:<17}" + "".join(f"{r[k]:>{width}.3g}" for k in keys))
     return {"config": {"B": B, "T": t_len, "H": H, "Dk": D, "Dv": D, "chunk": CHUNK, "dtype": "float32",
                        "threads": args.threads, "reps": reps, "warmup": warmup, "gates": "per channel",
                        "torch": torch.__version__, "cpus": os.cpu_count()},

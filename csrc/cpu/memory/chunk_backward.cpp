@@ -139,7 +139,7 @@ ChunkGrads chunk_backward(const MemoryParams& p, const ChunkInputs& in, const Ch
   };
 
   Acc g;
-  if (p.linked()) {
+  if (uses_token_loop(p)) {
     g.de = at::zeros_like(c.e);
     g.dalpha = at::zeros_like(c.e);
     if (p.momentum()) g.dmom = at::zeros_like(c.e);
@@ -148,8 +148,8 @@ ChunkGrads chunk_backward(const MemoryParams& p, const ChunkInputs& in, const Ch
   } else {
     g.dC = at::zeros_like(c.C);
   }
-  if (!p.linked()) g.dA = at::zeros_like(c.alpha.cum);
-  if (p.momentum() && !p.linked()) {
+  if (!uses_token_loop(p)) g.dA = at::zeros_like(c.alpha.cum);
+  if (p.momentum() && !uses_token_loop(p)) {
     g.dP = at::zeros_like(c.P);
     g.dCS = at::zeros_like(c.CS);
     g.dMc = at::zeros_like(c.mom.cum);
@@ -167,7 +167,7 @@ ChunkGrads chunk_backward(const MemoryParams& p, const ChunkInputs& in, const Ch
     const int side = f.side[l];
     const Tensor gz = end_grad(grad_end.memory, l, start.memory[l]);
     const Tensor gh = end_grad(grad_end.anchor, l, start.anchor[l]);
-    if (p.linked()) {  // the end state enters the token loop's reverse walk
+    if (uses_token_loop(p)) {  // the end state enters the token loop's reverse walk
       g.danchor[l] += gh;
       continue;
     }
@@ -215,7 +215,7 @@ ChunkGrads chunk_backward(const MemoryParams& p, const ChunkInputs& in, const Ch
     const Tensor s0 = p.momentum() ? start.momentum[l] : Tensor();
     const auto given = [l](const std::vector<Tensor>& v) { return size_t(l) < v.size() ? v[l] : Tensor(); };
     const Tensor dh =
-        p.linked() ? linked_read_backward(p, f, in, g, l, du, start.memory[l], s0, given(grad_end.memory),
+        uses_token_loop(p) ? linked_read_backward(p, f, in, g, l, du, start.memory[l], s0, given(grad_end.memory),
                                           given(grad_end.momentum))
                    : dual_read_backward(f, g, l, f.rin[l], du, start.memory[l], s0);
     if (l > 0) {
@@ -272,7 +272,7 @@ ChunkGrads chunk_backward(const MemoryParams& p, const ChunkInputs& in, const Ch
   // Coefficients to gates (Eq. 9.5).
   const Tensor e_cols = c.e.unsqueeze(1);
   Tensor de, dDa;
-  if (p.linked()) {
+  if (uses_token_loop(p)) {
     out.lr = g.de;
     if (in.alpha.defined()) out.alpha = g.dalpha;
     out.momentum = g.dmom;
@@ -298,7 +298,7 @@ ChunkGrads chunk_backward(const MemoryParams& p, const ChunkInputs& in, const Ch
     de = (g.dC * c.alpha.D).sum(1);
     dDa = g.dC * e_cols;
   }
-  if (!c.factored && !p.linked()) {
+  if (!c.factored && !uses_token_loop(p)) {
     if (in.alpha.defined()) out.alpha = decay_backward(c.alpha, dDa, g.dA);
     out.lr = de;
   }

@@ -50,7 +50,7 @@ Forward run_forward(const MemoryParams& p, const ChunkInputs& in, const ChunkSta
   const Tensor lr = as_channels(in.lr);
   f.Dg = lr.size(-1);
   for (int l = 0; l < L; ++l) f.side.push_back(gate_side(p, l, p.per_channel));
-  if (p.linked()) {  // the token loop (Eq. 5.13) takes the gates as they are
+  if (uses_token_loop(p)) {  // the token loop (Eq. 5.13) takes the gates as they are
     f.c.e = lr;
   } else {
     f.c = coefficients(p, lr, as_channels(in.alpha), as_channels(in.momentum));
@@ -90,7 +90,7 @@ Forward run_forward(const MemoryParams& p, const ChunkInputs& in, const ChunkSta
     f.rin.push_back(h);
     const Tensor s0 = p.momentum() ? start.momentum[l] : Tensor();
     Tensor u;
-    if (p.linked()) {
+    if (uses_token_loop(p)) {
       const LoopForward lf = token_loop_forward(p, loop_inputs(f, in, l, start.memory[l], s0));
       u = lf.u;
       f.zend.push_back(lf.z);
@@ -115,7 +115,7 @@ at::Tensor chunk_forward(const MemoryParams& p, const ChunkInputs& in, ChunkStat
                     "memory: the compiled op implements matrix and mlp memory; vector memory runs in "
                     "miras_ext.reference");
   const Forward f = run_forward(p, in, state);
-  if (p.linked()) {  // the token loop's end state (grad_at_retained is l2 only)
+  if (uses_token_loop(p)) {  // the token loop's end state (grad_at_retained is l2 only)
     state.memory = f.zend;
     if (p.momentum()) state.momentum = f.send;
     return f.o;

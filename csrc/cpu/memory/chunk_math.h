@@ -111,6 +111,12 @@ struct Forward {
 };
 Forward run_forward(const MemoryParams& p, const ChunkInputs& in, const ChunkState& start);
 
+// Runs whose read takes the token loop (Eq. 5.13): every nonlinear link, and momentum, whose coefficients
+// (Eq. 5.9) do not factor; grad_at_retained (Eq. 5.2, l2 only) keeps the chunk form.
+inline bool uses_token_loop(const MemoryParams& p) {
+  return p.linked() || (p.momentum() && !p.grad_at_retained);
+}
+
 // The token loop's inputs for layer l of a linked run (Eq. 5.13): its factors, gates and read inputs.
 LoopInputs loop_inputs(const Forward& f, const ChunkInputs& in, int l, const Tensor& z0, const Tensor& s0);
 
