@@ -11,7 +11,7 @@ namespace {
 struct Acc {
   Tensor dC, dA, dP, dCS, dMc;
   Tensor det;  // gradient of e~ (factored runs, Eq. 5.12)
-  Tensor de, dalpha, dmom;  // gate gradients [G, n, Dg] of linked runs (the token loop, Eq. 5.14)
+  Tensor de, dalpha, dmom;  // gate gradients [G, n, Dg] of token-loop runs (Eq. 5.14)
   std::vector<Tensor> dz0, ds0, danchor, dd, da;
 };
 
@@ -104,9 +104,9 @@ Tensor dual_read_backward(const Forward& f, Acc& g, int l, const Tensor& h, cons
   return dh + (ds * c.C * a.unsqueeze(1)).sum(2);
 }
 
-// Backward of a linked read (Eq. 5.14): the token loop walks the run in reverse from the end state's
+// Backward of a token-loop read (Eq. 5.14): the loop walks the run in reverse from the end state's
 // gradients gz, gs; returns the gradient of h.
-Tensor linked_read_backward(const MemoryParams& p, const Forward& f, const ChunkInputs& in, Acc& g, int l,
+Tensor loop_read_backward(const MemoryParams& p, const Forward& f, const ChunkInputs& in, Acc& g, int l,
                             const Tensor& du, const Tensor& z0, const Tensor& s0, const Tensor& gz,
                             const Tensor& gs) {
   const LoopGrads lg = token_loop_backward(p, loop_inputs(f, in, l, z0, s0), du, gz, gs);
@@ -215,7 +215,7 @@ ChunkGrads chunk_backward(const MemoryParams& p, const ChunkInputs& in, const Ch
     const Tensor s0 = p.momentum() ? start.momentum[l] : Tensor();
     const auto given = [l](const std::vector<Tensor>& v) { return size_t(l) < v.size() ? v[l] : Tensor(); };
     const Tensor dh =
-        uses_token_loop(p) ? linked_read_backward(p, f, in, g, l, du, start.memory[l], s0, given(grad_end.memory),
+        uses_token_loop(p) ? loop_read_backward(p, f, in, g, l, du, start.memory[l], s0, given(grad_end.memory),
                                           given(grad_end.momentum))
                    : dual_read_backward(f, g, l, f.rin[l], du, start.memory[l], s0);
     if (l > 0) {

@@ -81,7 +81,7 @@ Forward run_forward(const MemoryParams& p, const ChunkInputs& in, const ChunkSta
     f.deltas[l - 1] = d;
   }
 
-  // The read (Eq. 4.3): dual form for W = Z, the token loop under a nonlinear link (Eq. 5.13).
+  // The read (Eq. 4.3): dual form for W = Z without momentum, else the token loop (Eq. 5.13).
   f.x = in.q * p.scale;
   f.rdots.assign(L, Tensor());
   f.rv.assign(L, Tensor());

@@ -25,8 +25,8 @@ Decay decay(const Tensor& g);
 // Gradient of g from gradients of D and cum, by the product rule without division (Eq. 9.5).
 Tensor decay_backward(const Decay& d, const Tensor& dD, const Tensor& dcum);
 
-// Coefficients of one run: C and A (Eq. 5.8); with momentum also P, CS, Mc (Eq. 5.9). Linked runs (token
-// loop, Eq. 5.13) only use e.
+// Coefficients of one run: C and A (Eq. 5.8); with momentum also P, CS, Mc (Eq. 5.9). Token-loop runs
+// (Eq. 5.13) only use e.
 //
 // Without momentum C[t, i] = A_t e_i / A_i, so every sum over i <= t factors into A_t times a masked matrix
 // product of e~_i = e_i / A_i (Eq. 5.12): `factored` runs use that and never form the [n, n, Dg] tensors.
@@ -106,7 +106,7 @@ struct Forward {
   Tensor y, g;                            // anchor prediction and bias gradient
   std::vector<Tensor> rin, rpre;          // read pass: layer inputs and pre-activations
   std::vector<Tensor> rdots, rv;          // factored dual reads: masked n x n products, and rows' u / A
-  std::vector<Tensor> zend, send;         // end states of the token loop (nonlinear link only)
+  std::vector<Tensor> zend, send;         // end states of token-loop runs (Eq. 5.13)
   Tensor o;
 };
 Forward run_forward(const MemoryParams& p, const ChunkInputs& in, const ChunkState& start);
@@ -117,7 +117,7 @@ inline bool uses_token_loop(const MemoryParams& p) {
   return p.linked() || (p.momentum() && !p.grad_at_retained);
 }
 
-// The token loop's inputs for layer l of a linked run (Eq. 5.13): its factors, gates and read inputs.
+// The token loop's inputs for layer l of a run (Eq. 5.13): its factors, gates and read inputs.
 LoopInputs loop_inputs(const Forward& f, const ChunkInputs& in, int l, const Tensor& z0, const Tensor& s0);
 
 }  // namespace miras::chunk

@@ -1,12 +1,15 @@
-// Token recurrence of a linked weight tensor (cpu/memory/token_loop.h; docs/math.md Eqs. 5.13-5.14): one
+// Token recurrence of one weight tensor (cpu/memory/token_loop.h; docs/math.md Eqs. 5.13-5.14): one
 // pass over each row of the state per token, the update and the read fused while the row is in cache.
 #include "cpu/memory/token_loop.h"
 
 #include <ATen/Dispatch.h>
 
 #include <algorithm>
+#include <bit>
 #include <cmath>
+#include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <limits>
 #include <vector>
 
@@ -45,6 +48,46 @@ template <bool Q4, typename T>
 inline T pow_q1(const Link<T>& lk, T z) {
   if constexpr (Q4) return z * z * z;
   return std::copysign(std::pow(std::abs(z), lk.q - T(1)), z);
+}
+
+// exp(x) for x <= 0 in a form the compiler vectorises (std::exp is a library call per element, the
+// softmax's main cost): x = n ln2 + r with |r| <= ln2 / 2, e^r by its Taylor polynomial (degree 12 in
+// double, 7 in float: the truncation is below the unit roundoff), 2^n from the exponent bits. x is clamped
+// where 2^n stays normal: results under e^-708 (double) or e^-87 (float) are off by less than that,
+// next to the softmax's largest term 1. (The clamp vectorises because CMakeLists.txt compiles this file
+// with -fno-trapping-math, which changes no result.)
+template <typename T>
+inline T exp_nonpositive(T x) {
+  constexpr bool dbl = sizeof(T) == 8;
+  using I = std::conditional_t<dbl, int64_t, int32_t>;
+  constexpr T lo = dbl ? T(-708.0) : T(-87.0);
+  constexpr T magic = dbl ? T(6755399441055744.0) : T(12582912.0);  // 1.5 * 2^52, 1.5 * 2^23: rounds to int
+  constexpr T log2e = T(1.4426950408889634), ln2_hi = T(0.693145751953125), ln2_lo = T(1.4286068203094173e-06);
+  x = std::max(x, lo);
+  const T t = x * log2e + magic;
+  const T n = t - magic;
+  const T r = (x - n * ln2_hi) - n * ln2_lo;
+  // Horner in the 1 / j! (straight-line: a loop here stops the vectoriser).
+  T p;
+  if constexpr (dbl) {
+    p = T(2.08767569878680990e-09);
+    p = p * r + T(2.50521083854417188e-08);
+    p = p * r + T(2.75573192239858907e-07);
+    p = p * r + T(2.75573192239858907e-06);
+    p = p * r + T(2.48015873015873016e-05);
+    p = p * r + T(1.98412698412698413e-04);
+  } else {
+    p = T(1.98412698412698413e-04);
+  }
+  p = p * r + T(1.38888888888888889e-03);
+  p = p * r + T(8.33333333333333333e-03);
+  p = p * r + T(4.16666666666666667e-02);
+  p = p * r + T(1.66666666666666667e-01);
+  p = p * r + T(0.5);
+  p = p * r + T(1);
+  p = p * r + T(1);
+  const I k = std::bit_cast<I>(t) - std::bit_cast<I>(magic);
+  return p * std::bit_cast<T>(static_cast<I>((k + (dbl ? 1023 : 127)) << (dbl ? 52 : 23)));
 }
 
 // Per-pair sizes and the pointers of one token.
@@ -104,13 +147,21 @@ template <typename T, Retention R, bool Q4>
 inline T read_row(const Link<T>& lk, const T* z, const T* h, T* w, int64_t in, T& norm) {
   T acc = 0;
   if constexpr (R == Retention::Kl) {  // c softmax(z) (Eq. 3.6)
-    T mx = -std::numeric_limits<T>::infinity();
-#pragma omp simd reduction(max : mx)
-    for (int64_t i = 0; i < in; ++i) mx = std::max(mx, z[i]);
+    // The row max in 8 independent lanes (one running max is a chain of dependent instructions).
+    constexpr int64_t lanes = 8;
+    T part[lanes];
+    for (int64_t j = 0; j < lanes; ++j) part[j] = -std::numeric_limits<T>::infinity();
+    int64_t i0 = 0;
+    for (; i0 + lanes <= in; i0 += lanes) {
+      for (int64_t j = 0; j < lanes; ++j) part[j] = z[i0 + j] > part[j] ? z[i0 + j] : part[j];
+    }
+    for (; i0 < in; ++i0) part[0] = z[i0] > part[0] ? z[i0] : part[0];
+    T mx = part[0];
+    for (int64_t j = 1; j < lanes; ++j) mx = std::max(mx, part[j]);
     T sum = 0;
 #pragma omp simd reduction(+ : sum, acc)
     for (int64_t i = 0; i < in; ++i) {
-      const T x = std::exp(z[i] - mx);
+      const T x = exp_nonpositive(z[i] - mx);
       w[i] = x;
       sum += x;
       acc += x * h[i];
@@ -139,7 +190,8 @@ inline T read_row(const Link<T>& lk, const T* z, const T* h, T* w, int64_t in, T
   } else if constexpr (R == Retention::Sigmoid) {  // Eq. 3.8
 #pragma omp simd reduction(+ : acc)
     for (int64_t i = 0; i < in; ++i) {
-      const T x = T(1) / (T(1) + std::exp(-z[i]));
+      const T e = exp_nonpositive(-std::abs(z[i]));  // sigmoid(z) = 1 / (1 + e^-z), without overflow
+      const T x = z[i] >= T(0) ? T(1) / (T(1) + e) : e / (T(1) + e);
       w[i] = x;
       acc += x * h[i];
     }
