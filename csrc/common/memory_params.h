@@ -18,11 +18,13 @@ struct MemoryParams {
   int expansion = 4;
   Activation activation = Activation::Gelu;
   bool residual_norm = true;
+  double ln_eps = 1e-5;  // LayerNorm epsilon of Eq. 1.4
   Bias bias = Bias::l2;  // common/bias.h; "l1" parses to Bias::lp with p = 1
   double p = 2.0;
   double eps = 1e-6;
   Retention retention = Retention::L2;
   double norm_order = 4.0;
+  double norm_floor = 1e-12;  // added to sum |A|^q in the l_q normaliser (Eq. 3.5)
   double simplex_scale = -1.0;  // < 0: sqrt(fan_in) per weight tensor (docs/math.md Eq. 3.6)
   double shrinkage = 1e-3;
   bool grad_at_retained = false;

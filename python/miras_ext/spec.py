@@ -40,9 +40,13 @@ class MemorySpec:
     layers, expansion: MLP depth and hidden width (expansion * Dk); ignored for other memories.
     activation:        MLP nonlinearity, "gelu" (exact, erf) or "silu".
     residual_norm:     MLP read-out x + LayerNorm(f(x)) (Eq. 1.4, the paper's form); needs Dk == Dv.
+    ln_eps:            epsilon of that LayerNorm (Eq. 1.4): it bounds the LayerNorm's gain 1 / sqrt(var + ln_eps)
+                       when the memory's weights are small (docs/math.md Section 8, point 15).
     bias, p, eps:      attentional bias (Section 2); p for "lp", eps the smoothing of |x| and ||r||.
     retention:         retention gate (Section 3).
     norm_order:        q of the l_q retention (Eq. 3.5).
+    norm_floor:        added to sum |A|^q in the l_q normaliser (Eq. 3.5): it bounds ||W|| when the
+                       accumulator A is small (docs/math.md Section 8, point 15).
     simplex_scale:     c of the KL retention (Eq. 3.6); None means sqrt(fan_in) per weight tensor.
     shrinkage:         soft-threshold gamma of the elastic-net retention (Eq. 3.7).
     grad_at_retained:  take the gradient at alpha_t * W_{t-1} (Gated DeltaNet) instead of W_{t-1} (Eq. 3.2).
@@ -55,11 +59,13 @@ class MemorySpec:
     expansion: int = 4
     activation: str = "gelu"
     residual_norm: bool = True
+    ln_eps: float = 1e-5
     bias: str = "l2"
     p: float = 2.0
     eps: float = 1e-6
     retention: str = "l2"
     norm_order: float = 4.0
+    norm_floor: float = 1e-12
     simplex_scale: float | None = None
     shrinkage: float = 1e-3
     grad_at_retained: bool = False
@@ -78,8 +84,10 @@ class MemorySpec:
             raise ValueError(f"expansion: expected an integer >= 1, got {self.expansion!r}")
         if not (self.p >= 1.0 and math.isfinite(self.p)):
             raise ValueError(f"p: the l_p bias needs a finite p >= 1, got {self.p!r}")
-        if not self.eps > 0:
-            raise ValueError(f"eps: expected > 0, got {self.eps!r}")
+        for name in ("eps", "ln_eps", "norm_floor"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and value > 0 and math.isfinite(value)):
+                raise ValueError(f"{name}: expected a finite number > 0, got {value!r}")
         if not (self.norm_order >= 1.0 and math.isfinite(self.norm_order)):
             raise ValueError(f"norm_order: the l_q retention needs a finite q >= 1, got {self.norm_order!r}")
         if self.simplex_scale is not None and not self.simplex_scale > 0:

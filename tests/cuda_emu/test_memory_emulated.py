@@ -331,6 +331,8 @@ def case_file(case: Case, x: dict) -> bytes:
         "eps": repr(float(spec.eps)),
         "link": LINKS[spec.retention],
         "norm_order": repr(float(spec.norm_order)),
+        "norm_floor": repr(float(spec.norm_floor)),
+        "ln_eps": repr(float(spec.ln_eps)),
         "shrinkage": repr(float(spec.shrinkage)),
         "simplex_scale": repr(-1.0 if spec.simplex_scale is None else float(spec.simplex_scale)),
         "has_alpha": int(spec.has_retention_gate),

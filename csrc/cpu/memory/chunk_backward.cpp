@@ -216,7 +216,7 @@ ChunkGrads chunk_backward(const MemoryParams& p, const ChunkInputs& in, const Ch
 
   // The read, last layer first.
   Tensor dx = residual ? grad_o.clone() : at::zeros_like(f.x);
-  Tensor du = residual ? layer_norm_backward(f.rpre.back(), grad_o) : grad_o;
+  Tensor du = residual ? layer_norm_backward(p, f.rpre.back(), grad_o) : grad_o;
   for (int l = L - 1; l >= 0; --l) {
     const Tensor s0 = p.momentum() ? start.momentum[l] : Tensor();
     const Tensor dh = p.linked() ? linked_read_backward(p, f, g, l, f.rin[l], du, start.memory[l], s0)
@@ -243,7 +243,7 @@ ChunkGrads chunk_backward(const MemoryParams& p, const ChunkInputs& in, const Ch
   }
   Tensor dg = g.dd[L - 1];
   if (residual) {
-    const LayerNormBackwardGrads lg = layer_norm_backward_backward(f.pre.back(), f.g, dg);
+    const LayerNormBackwardGrads lg = layer_norm_backward_backward(p, f.pre.back(), f.g, dg);
     dg = lg.g;
     dpre[L - 1] += lg.u;
   }
@@ -251,7 +251,7 @@ ChunkGrads chunk_backward(const MemoryParams& p, const ChunkInputs& in, const Ch
   Tensor dk = at::zeros_like(in.k);
   if (residual) {
     dk += bg.y;
-    dpre[L - 1] += layer_norm_backward(f.pre.back(), bg.y);
+    dpre[L - 1] += layer_norm_backward(p, f.pre.back(), bg.y);
   } else {
     dpre[L - 1] += bg.y;
   }

@@ -72,12 +72,12 @@ Forward run_forward(const MemoryParams& p, const ChunkInputs& in, const ChunkSta
     f.pre.push_back(u);
     if (l < L - 1) h = activation(p, u);
   }
-  f.y = residual ? in.k + layer_norm(f.pre.back()) : f.pre.back();
+  f.y = residual ? in.k + layer_norm(p, f.pre.back()) : f.pre.back();
   f.g = bias_output_grad(p, f.y, in.v, in.delta);
   f.deltas.assign(L, Tensor());
   f.pre_grad.assign(L - 1, Tensor());
   f.back.assign(L - 1, Tensor());
-  Tensor d = residual ? layer_norm_backward(f.pre.back(), f.g) : f.g;
+  Tensor d = residual ? layer_norm_backward(p, f.pre.back(), f.g) : f.g;
   f.deltas[L - 1] = d;
   for (int l = L - 1; l > 0; --l) {  // Eq. 5.4
     f.back[l - 1] = at::matmul(d, f.wb[l]);
@@ -105,7 +105,7 @@ Forward run_forward(const MemoryParams& p, const ChunkInputs& in, const ChunkSta
     f.rpre.push_back(u);
     if (l < L - 1) h = activation(p, u);
   }
-  f.o = residual ? f.x + layer_norm(f.rpre.back()) : f.rpre.back();
+  f.o = residual ? f.x + layer_norm(p, f.rpre.back()) : f.rpre.back();
   return f;
 }
 

@@ -72,13 +72,14 @@ Tensor activation_grad(const MemoryParams& p, const Tensor& u);   // s'(u)
 Tensor activation_grad2(const MemoryParams& p, const Tensor& u);  // s''(u)
 
 // LayerNorm without affine over the last axis (Eq. 1.4), its backward (Eq. 5.5) and the backward of that
-// (Eq. 9.4).
-Tensor layer_norm(const Tensor& u);
-Tensor layer_norm_backward(const Tensor& u, const Tensor& g);
+// (Eq. 9.4); epsilon p.ln_eps.
+Tensor layer_norm(const MemoryParams& p, const Tensor& u);
+Tensor layer_norm_backward(const MemoryParams& p, const Tensor& u, const Tensor& g);
 struct LayerNormBackwardGrads {
   Tensor g, u;
 };
-LayerNormBackwardGrads layer_norm_backward_backward(const Tensor& u, const Tensor& g, const Tensor& grad);
+LayerNormBackwardGrads layer_norm_backward_backward(const MemoryParams& p, const Tensor& u, const Tensor& g,
+                                                   const Tensor& grad);
 
 // The attentional bias row by row (common/bias.h): g = dl/dy (Eqs. 2.9-2.16), and (H u, -H u, dl/ddelta)
 // for the backward (Eqs. 2.17-2.20). delta [G, n] or [G, n, Dv] or undefined.

@@ -21,11 +21,12 @@ struct KernelSpec {
   int32_t dims[kMaxLayers + 1] = {};    // layer l maps dims[l] -> dims[l + 1]; dims[0] = Dk, dims[layers] = Dv
   int32_t gelu = 1;                     // activation: GELU (1) or SiLU (0)
   int32_t residual = 0;                 // o = x + LN(u_L) (Eq. 1.4)
+  double ln_eps = 1e-5;                 // that LayerNorm's epsilon
   Bias bias = Bias::l2;
   DeltaLayout delta_layout = DeltaLayout::none;
   double p = 2, eps = 1e-6;             // bias options
   Link link = Link::identity;
-  double norm_order = 4, shrinkage = 1e-3;
+  double norm_order = 4, norm_floor = 1e-12, shrinkage = 1e-3;
   double simplex_scale = -1;            // < 0: sqrt(fan_in) of each weight tensor
   int32_t has_alpha = 0;                // retention gate given (absent: alpha = 1)
   int32_t momentum = 0;                 // algorithm "momentum"

@@ -86,6 +86,8 @@ KernelSpec kernel_spec(const Problem& P, const std::optional<at::Tensor>& delta)
   s.eps = mp.eps;
   s.link = link_of(mp.retention);
   s.norm_order = mp.norm_order;
+  s.norm_floor = mp.norm_floor;
+  s.ln_eps = mp.ln_eps;
   s.shrinkage = mp.shrinkage;
   s.simplex_scale = mp.simplex_scale;  // < 0: the kernels use sqrt(fan_in)
   s.has_alpha = mp.retention != Retention::None;

@@ -165,7 +165,7 @@ struct MemoryBlock {
       const int64_t tok = token(t0 + t);
       const A* u = pre(t, L - 1);
       if (sp.residual) {
-        row_layer_norm(u, acts(t, 0), yv(t), Dv);
+        row_layer_norm(u, acts(t, 0), yv(t), Dv, A(sp.ln_eps));
       } else {
         for (int j = threadIdx.x % kWarp; j < Dv; j += kWarp) yv(t)[j] = u[j];
       }
@@ -173,7 +173,7 @@ struct MemoryBlock {
       row_bias_grad(bp, sp.delta_layout, yv(t), args.v + tok * Dv, delta_ptr(tok), gv(t), Dv);
       __syncwarp();
       if (sp.residual) {
-        row_layer_norm_backward(u, gv(t), deltas(t, L - 1), Dv, false);
+        row_layer_norm_backward(u, gv(t), deltas(t, L - 1), Dv, A(sp.ln_eps), false);
       } else {
         for (int j = threadIdx.x % kWarp; j < Dv; j += kWarp) deltas(t, L - 1)[j] = gv(t)[j];
       }
@@ -263,9 +263,9 @@ struct MemoryBlock {
           if (lane == 0) u[i] = dot;
         }
       }
-      if (sp.link == Link::lq) {  // W = Z (sum |Z|^q + eps)^(-(q - 2) / q) (Eq. 3.5)
+      if (sp.link == Link::lq) {  // W = Z (sum |Z|^q + norm_floor)^(-(q - 2) / q) (Eq. 3.5)
         const A q = A(sp.norm_order);
-        const A scale = pow(block_sum(norm_part) + A(kNormEps), -(q - A(2)) / q);
+        const A scale = pow(block_sum(norm_part) + A(sp.norm_floor), -(q - A(2)) / q);
         for (int i = threadIdx.x; i < out; i += blockDim.x) u[i] *= scale;
       }
       __syncthreads();
@@ -284,7 +284,7 @@ struct MemoryBlock {
     T* o = args.o + token(t0 + t) * Dv;
     const int lane = threadIdx.x % kWarp;
     if (sp.residual) {
-      const RowNorm<A> nrm = row_norm(u, Dv);
+      const RowNorm<A> nrm = row_norm(u, Dv, A(sp.ln_eps));
       for (int j = lane; j < Dv; j += kWarp) o[j] = from_acc<T>(x[j] + (u[j] - nrm.mean) * nrm.rstd);
     } else {
       for (int j = lane; j < Dv; j += kWarp) o[j] = from_acc<T>(u[j]);
@@ -300,7 +300,7 @@ struct MemoryBlock {
     __syncwarp();
     for (int j = lane; j < Dk; j += kWarp) dx[j] = sp.residual ? stage[j] : A(0);  // residual: Dk = Dv
     if (sp.residual) {
-      row_layer_norm_backward(rpre(t, L - 1), stage, du, Dv, false);
+      row_layer_norm_backward(rpre(t, L - 1), stage, du, Dv, A(sp.ln_eps), false);
     } else {
       for (int j = lane; j < Dv; j += kWarp) du[j] = stage[j];
     }
@@ -489,7 +489,8 @@ struct MemoryBlock {
       const int64_t tok = token(t0 + t);
       A* dg = dd(t, L - 1);
       if (sp.residual) {  // dg <- d/dg, dpre += d/du of LN's backward
-        row_layer_norm_double_backward(pre(t, L - 1), gv(t), dd(t, L - 1), tmp(t, L - 1), dpre(t, L - 1), Dv);
+        row_layer_norm_double_backward(pre(t, L - 1), gv(t), dd(t, L - 1), tmp(t, L - 1), dpre(t, L - 1), Dv,
+                                       A(sp.ln_eps));
         dg = tmp(t, L - 1);
         __syncwarp();
       }
@@ -502,7 +503,7 @@ struct MemoryBlock {
                         Dv);
       __syncwarp();
       if (sp.residual) {
-        row_layer_norm_backward(pre(t, L - 1), gy, dpre(t, L - 1), Dv, true);
+        row_layer_norm_backward(pre(t, L - 1), gy, dpre(t, L - 1), Dv, A(sp.ln_eps), true);
       } else {
         for (int j = threadIdx.x % kWarp; j < Dv; j += kWarp) dpre(t, L - 1)[j] += gy[j];
       }

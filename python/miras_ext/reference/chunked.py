@@ -130,7 +130,7 @@ class _Chunk:
             h = self.dual_linear(i, h)
             if i < len(self.z) - 1:
                 h = activation(spec, h)
-        return x + layer_norm(h) if spec.memory == "mlp" and spec.residual_norm else h
+        return x + layer_norm(spec, h) if spec.memory == "mlp" and spec.residual_norm else h
 
 
 def chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: MemorySpec, lr: torch.Tensor,
