@@ -4,7 +4,7 @@ forward+backward, bfloat16, against:
 - FLA's chunk_gated_delta_rule (flash-linear-attention, Triton) for the matrix memory with the l2 bias and the
   l2 retention (gated_delta_forward: the gated delta rule), same q, k, v, beta = lr, g = log(alpha), scale;
   ours as called by default ("miras") and, where MemorySpec has an explicit flag for the mini-batch
-  approximation (MINIBATCH_FIELDS), with it ("miras-minibatch"; without a flag those rows are skipped);
+  approximation (MINIBATCH_FIELD), with it ("miras-minibatch"; without a flag those rows are skipped);
 - torch's scaled_dot_product_attention on the flash backend (causal), same B, T, H, D;
 - reference.chunked on the GPU (the pure-PyTorch chunkwise algorithm; short T only, it is slow and large);
 - for the MLP memories of the Moneta, Yaad and Memora presets (per-channel gates, hidden 4 D, learnable
@@ -21,11 +21,10 @@ Shapes: H = 16 heads of D = 64, chunk 64, a fixed number of tokens per batch (--
 B = tokens / T: T = 2048 (B = 16), 4096 (B = 8: the gated-delta target shape), 8192 (B = 4), 32768 (B = 1).
 reference.chunked runs at --ref-len (2048) with B = --ref-batch (1).
 
-Timing: CUDA events around each call, after --warmup untimed calls;
-the number of timed calls adapts to the call's duration (about --case-s seconds each, between 3 and --reps);
-the table gives the median and the minimum. "fwd" runs under torch.no_grad(); "fwd+bwd" runs the forward with
-autograd and backward() of a fixed random cotangent, gradients to every input (q, k, v, the gates, the
-initial weights). Peak memory: torch.cuda.max_memory_allocated during the timed calls, above what was
+Timing: CUDA events around each call, after --warmup untimed calls; the number of timed calls adapts to the
+call's duration (about --case-s seconds each, between 3 and --reps; 1 when one call takes longer); the table
+gives the median and the minimum. "fwd" runs under torch.no_grad(); "fwd+bwd" runs the forward with autograd
+and backward() of a fixed random cotangent, gradients to every input (q, k, v, the gates, the initial weights). Peak memory: torch.cuda.max_memory_allocated during the timed calls, above what was
 allocated before them. The op's Python-side input checks (gate ranges, one device sync) are in its time.
 
 Budget: cases run in priority order (1: gated delta vs FLA at T = 4096, B = 8, and the first preset vs SDPA
@@ -167,17 +166,16 @@ def make_plan(args) -> list[Case]:
 
 # ------------------------------------------------------------------------------------------------ inputs
 
-# MemorySpec fields that would select the gated delta rule's mini-batch approximation explicitly, with the
-# value that selects it (issue 11 makes the exact chunkwise form the default and keeps the approximation
-# behind a spec field; the first of these that MemorySpec has is used, none: the rows are skipped).
-MINIBATCH_FIELDS = (("mini_batch", True), ("minibatch", True), ("approximate", True), ("exact", False))
+# The MemorySpec field that selects the delta rule's mini-batch approximation explicitly (issue 11 makes the
+# exact chunkwise form the default and keeps the approximation behind this field); while MemorySpec has no
+# such field the default is the mini-batch form and the "miras-minibatch" rows are skipped.
+MINIBATCH_FIELD = "minibatch"
 
 
 def minibatch_kwargs() -> dict | None:
     """The keyword that asks gated_delta_forward for the mini-batch form, or None if MemorySpec has none."""
     from miras_ext import MemorySpec
-    names = {f.name for f in dataclasses.fields(MemorySpec)}
-    return next(({name: value} for name, value in MINIBATCH_FIELDS if name in names), None)
+    return {MINIBATCH_FIELD: True} if MINIBATCH_FIELD in {f.name for f in dataclasses.fields(MemorySpec)} else None
 
 
 def _fla():
@@ -234,7 +232,7 @@ class Runner:
                     if case.impl == "miras-minibatch":
                         flag = minibatch_kwargs()
                         if flag is None:
-                            raise RuntimeError(f"MemorySpec has none of {[n for n, _ in MINIBATCH_FIELDS]}")
+                            raise RuntimeError(f"MemorySpec has no field {MINIBATCH_FIELD!r}")
 
                     def call():
                         qq, kk, vv, bb, aa = self.leaves
@@ -280,8 +278,9 @@ def _sync(device):
 
 def time_calls(fn, device, warmup: int, reps: int, case_s: float, deadline: float) -> dict:
     """Median / min seconds of fn() after up to `warmup` calls (at least one; no more once they took case_s);
-    the number of timed calls is about case_s / (one call), between 3 and reps (down to 1 once the deadline
-    has passed)."""
+    the number of timed calls is about case_s / (one call), between 3 and reps, or 1 when one call takes longer
+    than case_s (a slow path must not eat the budget of the cases after it), fewer once the deadline has
+    passed."""
     t0 = time.perf_counter()
     for i in range(max(1, warmup)):
         fn()
@@ -306,7 +305,7 @@ def time_calls(fn, device, warmup: int, reps: int, case_s: float, deadline: floa
         torch.cuda.reset_peak_memory_stats(device)
     base = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
     times.append(once())
-    want = max(3, min(reps, int(case_s / max(times[0], 1e-6))))
+    want = max(1 if times[0] > case_s else 3, min(reps, int(case_s / max(times[0], 1e-6))))
     while len(times) < want and time.perf_counter() < deadline:
         times.append(once())
     peak = (torch.cuda.max_memory_allocated(device) - base) / 2 ** 20 if device.type == "cuda" else None

@@ -316,7 +316,8 @@ summary_bench() {
 
 step_tests() {
   local args=(-m cuda tests/cuda tests/test_bias_op.py tests/test_build.py -p no:cacheprovider -v -rfE)
-  local workers=$(($(nproc) / 2)) per_test=60
+  # A hung test is stopped at two thirds of the step's time, so the workers finish the others.
+  local workers=$(($(nproc) / 2)) per_test=$((STEP_TIMEOUT * 2 / 3))
   ((workers > 8)) && workers=8
   if ! "$PY" -c 'import xdist' 2>/dev/null; then
     echo "pytest-xdist missing: the tests run one at a time"
@@ -451,7 +452,7 @@ run_step() {  # run_step NAME: under its share of the time left, then its row, t
     status="failed (exit $rc)"
   fi
   ((rc != 0)) && FAILED=1
-  tail -n "+$((before + 2))" "$RESULTS/$name.log" | tail -n 6 | cut -c1-200 | sed 's/^/    /'
+  tail -n "+$((before + 2))" "$RESULTS/$name.log" | tail -n 4 | cut -c1-160 | sed 's/^/    /'
   echo "=== $name: $status ($took s)"
   record "$name" "$status" "$took" "$t" "$fp" "$("summary_$name" "$rc" 2>&1)"
   publish
