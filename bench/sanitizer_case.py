@@ -15,9 +15,10 @@ cu_seqlens, decoding (T = 1) and the bias_grad operator. Each is tiny (a few chu
 10-100 times slower. Every case synchronises, so an asynchronous fault is reported at its case. Exits 1 if a
 case raised (or, with --check-cpu, if a result is further from the CPU op's than TOL allows).
 
---check-cpu runs each case a second time on the CPU op from the same inputs (drawn on the CPU, then moved) and
-prints ||cuda - cpu|| / ||cpu|| over the output, the final state and every gradient: a quick look at the
-numbers, not the tests' bounds (tests/cuda/test_memory_cuda.py compares in float64 with conditioning slack).
+--check-cpu runs each case again on the CPU op from the same inputs (drawn on the CPU, then moved) and prints
+the largest ||cuda - cpu|| / ||cpu|| over the output, the final state and every gradient, against a bound like
+the tests' (TOL, SLACK); the tests (tests/cuda/test_memory_cuda.py) compare more carefully, in float64 on the
+same rounded inputs.
 """
 
 from __future__ import annotations
@@ -63,8 +64,11 @@ BIAS_CASES = {"bias-grad-f32": torch.float32, "bias-grad-bf16": torch.bfloat16}
 # cu_seqlens, decoding and bias_grad.
 SANITIZER_CASES = ("matrix-gated-delta-f32", "matrix-momentum-lag-huber-bf16", "mlp-yaad-bf16", "varlen-mlp-bf16",
                    "decode-mlp-f32", "bias-grad-bf16")
-# --check-cpu: the largest relative difference from the CPU op that passes, per input dtype.
-TOL = {torch.float64: 1e-9, torch.float32: 1e-3, torch.float16: 5e-2, torch.bfloat16: 5e-2}
+# --check-cpu: a result passes within max(TOL of its dtype, SLACK x the CPU op's own distance from float64 on
+# the same case), the bound of tests/cuda/test_memory_cuda.py (ill-conditioned cases such as Yaad at eps 1e-6
+# are far from float64 whatever computes them).
+TOL = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 5e-2, torch.bfloat16: 5e-2}
+SLACK = 4.0
 
 
 def _gates(spec, shape, device, gen):
@@ -80,12 +84,12 @@ def _gates(spec, shape, device, gen):
     return lr, alpha, momentum, delta
 
 
-def run_memory_case(name: str, device: torch.device) -> list[torch.Tensor]:
-    """The case's results: output, final state, every gradient, then each decoded output and state."""
+def run_memory_case(name: str, device: torch.device, dtype: torch.dtype) -> list[torch.Tensor]:
+    """The case's results in dtype: output, final state, every gradient, then each decoded output and state."""
     import miras_ext
     from miras_ext import MemorySpec
 
-    fields, dtype, d, per_channel, chunk, t_len, extra = CASES[name]
+    fields, _, d, per_channel, chunk, t_len, extra = CASES[name]
     spec = MemorySpec(**fields)
     gen = torch.Generator().manual_seed(0)
     lengths = extra.get("lengths")
@@ -123,11 +127,10 @@ def run_memory_case(name: str, device: torch.device) -> list[torch.Tensor]:
     return results
 
 
-def run_bias_case(name: str, device: torch.device) -> list[torch.Tensor]:
-    """bias_grad's output and input gradients for every bias."""
+def run_bias_case(name: str, device: torch.device, dtype: torch.dtype) -> list[torch.Tensor]:
+    """bias_grad's output and input gradients for every bias, in dtype."""
     import miras_ext
 
-    dtype = BIAS_CASES[name]
     gen = torch.Generator().manual_seed(1)
     results = []
     for bias in ("l2", "lp", "l1", "huber", "huber_norm", "yaad", "value_shift", "dot"):
@@ -145,9 +148,9 @@ def case_dtype(name: str) -> torch.dtype:
     return BIAS_CASES[name] if name in BIAS_CASES else CASES[name][1]
 
 
-def run_case(name: str, device: torch.device) -> list[torch.Tensor]:
-    """Runs the case, synchronises, and checks that every result is finite."""
-    results = (run_bias_case if name in BIAS_CASES else run_memory_case)(name, device)
+def run_case(name: str, device: torch.device, dtype: torch.dtype | None = None) -> list[torch.Tensor]:
+    """Runs the case (in its own dtype unless given), synchronises, and checks that every result is finite."""
+    results = (run_bias_case if name in BIAS_CASES else run_memory_case)(name, device, dtype or case_dtype(name))
     if device.type == "cuda":
         torch.cuda.synchronize()
     bad = [i for i, x in enumerate(results) if not torch.isfinite(x).all()]
@@ -197,11 +200,15 @@ def main(argv=None) -> int:
             results = run_case(name, device)
             note = ""
             if args.check_cpu:
-                diff = max_rel_diff(results, run_case(name, torch.device("cpu")))
-                note = f", max rel diff from the CPU op {diff:.2e}"
-                if not diff <= TOL[case_dtype(name)]:
+                cpu = torch.device("cpu")
+                want = run_case(name, cpu)
+                # As the tests do: a device result may be SLACK times further from float64 than the CPU op.
+                own = 0.0 if case_dtype(name) == torch.float64 else max_rel_diff(want, run_case(name, cpu, torch.float64))
+                bound = max(TOL[case_dtype(name)], SLACK * own)
+                diff = max_rel_diff(results, want)
+                note = f", max rel diff from the CPU op {diff:.2e} (bound {bound:.1e})"
+                if not diff <= bound:
                     far.append(name)
-                    note += f" > {TOL[case_dtype(name)]:.0e}"
             print(f"  {'FAR ' if name in far else 'ok  '}  {name} ({time.perf_counter() - t0:.1f} s{note})", flush=True)
         except Exception as exc:  # noqa: BLE001  (report every case, fail at the end)
             failed.append(name)
