@@ -72,6 +72,12 @@ def test_the_documented_calls_are_the_planned_ones():
     for plan in (first, rerun):
         assert plan["call"] in header, plan["call"]
         assert plan["call"] in docs, plan["call"]
+    # docs/performance.md's table of the plan: | step | first call | rerun | what |
+    for step in STEPS:
+        row = re.search(rf"^\| {step} \| ([0-9-]+) \| ([0-9-]+) \|", docs, re.M)
+        assert row, step
+        planned = [str(p["steps"][step][0]) if step in p["steps"] else "-" for p in (first, rerun)]
+        assert list(row.groups()) == planned, (step, row.groups(), planned)
 
 
 def test_unknown_argument_is_refused():
