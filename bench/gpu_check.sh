@@ -308,7 +308,7 @@ summary_smoke() {
 step_bench() {
   # FLA's first calls (Triton compile, autotune) fall outside --budget-s; --deadline-s bounds everything.
   local deadline=$((STEP_TIMEOUT - 8))
-  "$PY" bench/gpu_bench.py --max-priority 1 --budget-s $((deadline / 3)) --deadline-s "$deadline" --case-s 0.5 \
+  "$PY" bench/gpu_bench.py --max-priority 1 --budget-s $((deadline / 2)) --deadline-s "$deadline" --case-s 0.5 \
     --out-dir "$RESULTS"
 }
 summary_bench() {
