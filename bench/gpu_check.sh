@@ -337,6 +337,13 @@ step_tests() {
   fi
   echo "$PY -m pytest ${args[*]}"
   "$PY" -m pytest "${args[@]}"
+  local rc=$?
+  # Everything skipped (no device, a build without CUDA) is no result.
+  if ! tail -n 1 "$RESULTS/tests.log" | grep -qE '[1-9][0-9]* passed'; then
+    echo "gpu_check: no test passed"
+    return 4
+  fi
+  return $rc
 }
 summary_tests() {
   local log=$RESULTS/tests.log last failed
@@ -417,7 +424,7 @@ state_field() {  # state_field STEP N: field N of the step's row in steps.tsv
 record() {  # record STEP STATUS SECONDS BUDGET FINGERPRINT SUMMARY: the step's row (this call's number last),
   # replacing an earlier one
   awk -F'\t' -v s="$1" '$1 != s' "$STATE/steps.tsv" >"$STATE/steps.tsv.new"
-  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$4" "$5" "$(tr '\t\n' '  ' <<<"$6" | sed 's/ *$//' | cut -c1-600)" "$CALL" \
+  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$4" "$5" "$(tr '\t\n' '  ' <<<"$6" | tr -s ' ' | sed 's/ *$//' | cut -c1-600)" "$CALL" \
     >>"$STATE/steps.tsv.new"
   mv "$STATE/steps.tsv.new" "$STATE/steps.tsv"
 }
