@@ -468,7 +468,7 @@ run_step() {  # run_step NAME: under its share of the time left, then its row, t
     status="failed (exit $rc)"
   fi
   ((rc != 0)) && FAILED=1
-  tail -n "+$((before + 2))" "$RESULTS/$name.log" | tail -n 4 | cut -c1-160 | sed 's/^/    /'
+  tail -n "+$((before + 1))" "$RESULTS/$name.log" | tail -n 4 | cut -c1-160 | sed 's/^/    /'
   echo "=== $name: $status ($took s)"
   record "$name" "$status" "$took" "$t" "$fp" "$("summary_$name" "$rc" 2>&1)"
   publish
