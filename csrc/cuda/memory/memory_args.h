@@ -31,6 +31,7 @@ struct KernelSpec {
   int32_t momentum = 0;                 // algorithm "momentum"
   int32_t per_channel = 0;              // gates [.., Dv] rather than one per head
   int32_t retained = 0;                 // grad_at_retained (Eq. 5.2)
+  int32_t exact = 0;                    // the delta rule exactly: gradients at the previous state (Eq. 5.13)
   double scale = 1;                     // multiplies q (Eq. 4.3)
 
   MIRAS_HD int64_t size(int l) const { return int64_t(dims[l]) * dims[l + 1]; }

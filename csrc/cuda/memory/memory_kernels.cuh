@@ -135,13 +135,18 @@ struct MemoryBlock {
   }
 
   // ------------------------------------------------------------------------------------------------------
-  // The gradients at the anchor for the n tokens of a run (Eqs. 5.1-5.5): layer inputs, pre-activations,
-  // prediction y, bias gradient g and the deltas, kept in the workspace.
-  __device__ void anchor_pass(int64_t t0, int n, const A* const wb[]) const {
+  // The keys of the run's tokens, the first layer's inputs of their gradients.
+  __device__ void load_keys(int64_t t0, int n) const {
     for (int p = threadIdx.x; p < n * Dk; p += blockDim.x) {
       acts(p / Dk, 0)[p % Dk] = to_acc(args.k[token(t0 + p / Dk) * Dk + p % Dk]);
     }
     __syncthreads();
+  }
+
+  // The gradients at the anchor for the n tokens of a run (Eqs. 5.1-5.5): layer inputs, pre-activations,
+  // prediction y, bias gradient g and the deltas, kept in the workspace.
+  __device__ void anchor_pass(int64_t t0, int n, const A* const wb[]) const {
+    load_keys(t0, n);
     for (int l = 0; l < L; ++l) {
       const A* w = wb[l];
       const int in = in_of(l), out = out_of(l);
@@ -196,6 +201,65 @@ struct MemoryBlock {
     return args.delta + tok * (sp.delta_layout == DeltaLayout::per_channel ? Dv : 1);
   }
 
+  // The exact delta rule (sp.exact, Eq. 5.13; matrix memory, rows gated): token t's residual at the previous
+  // state z, r_t = alpha'_t (.) (Z_{t-1} k_t) - v_t with alpha'_t = alpha_t for grad_at_retained (else 1), into
+  // deltas(t, 0) in place of the anchor pass's gradient. A warp per row.
+  __device__ A retained_gate(int t, int i) const {
+    return sp.retained ? gate(kAlpha, t)[sp.per_channel ? i : 0] : A(1);
+  }
+  __device__ void exact_residual(int64_t t0, int t, const A* z) const {
+    const int64_t tok = token(t0 + t);
+    const A* k = acts(t, 0);
+    const int lane = threadIdx.x % kWarp;
+    for (int i = threadIdx.x / kWarp; i < Dv; i += kMemoryWarps) {
+      A dot = 0;
+      for (int j = lane; j < Dk; j += kWarp) dot += z[int64_t(i) * Dk + j] * k[j];
+      dot = warp_sum(dot);
+      if (lane == 0) deltas(t, 0)[i] = retained_gate(t, i) * dot - to_acc(args.v[tok * Dv + i]);
+    }
+    __syncthreads();
+  }
+
+  // exact_residual reversed (Eq. 9.6's exact form): dd(t, 0) holds dL/dr_t; adds alpha'_t dr k^T to gz
+  // (dL/dZ_{t-1}), alpha'_t Z_{t-1}^T dr to da(t, 0) and, for grad_at_retained, <dr, Z_{t-1} k_t> to alpha_t's
+  // gradient; writes dv = -dr.
+  __device__ void exact_residual_backward(int64_t t0, int t, const A* z, A* gz) const {
+    const int64_t tok = token(t0 + t);
+    const A* k = acts(t, 0);
+    const A* dr = dd(t, 0);
+    A* dal = dgate(kAlpha, t);
+    const int lane = threadIdx.x % kWarp;
+    A part = 0;
+    for (int i = threadIdx.x / kWarp; i < Dv; i += kMemoryWarps) {
+      const A g = retained_gate(t, i) * dr[i];
+      A dot = 0;
+      for (int j = lane; j < Dk; j += kWarp) {
+        const int64_t x = int64_t(i) * Dk + j;
+        dot += z[x] * k[j];
+        gz[x] += g * k[j];
+      }
+      dot = warp_sum(dot);
+      if (lane == 0) {
+        args.dv[tok * Dv + i] = from_acc<T>(-dr[i]);
+        if (sp.per_channel) {
+          if (sp.retained) dal[i] += dr[i] * dot;
+        } else {
+          part += dr[i] * dot;
+        }
+      }
+    }
+    if (sp.retained && !sp.per_channel) {
+      part = block_sum(part);
+      if (threadIdx.x == 0) dal[0] += part;
+    }
+    for (int j = threadIdx.x; j < Dk; j += blockDim.x) {
+      A s = 0;
+      for (int i = 0; i < Dv; ++i) s += retained_gate(t, i) * z[int64_t(i) * Dk + j] * dr[i];
+      da(t, 0)[j] += s;
+    }
+    __syncthreads();
+  }
+
   // Token t of the token loop: each weight tensor steps from src to dst (which may alias) by Eq. 4.1 or 4.2,
   // and the read (Eq. 4.3) at phi(Z_t) follows in the same pass: a warp updates a row and takes its dot
   // product with the layer's input at once (KL by an online softmax, l_q scaled by its norm afterwards).
@@ -209,6 +273,7 @@ struct MemoryBlock {
     const A* e = gate(kLr, t);
     const A* al = gate(kAlpha, t);
     const A* m = gate(kMom, t);
+    if (sp.exact) exact_residual(t0, t, zsrc[0]);
     for (int j = threadIdx.x; j < Dk; j += blockDim.x) rin(t, 0)[j] = A(sp.scale) * to_acc(args.q[tok * Dk + j]);
     __syncthreads();
     const int lane = threadIdx.x % kWarp;
@@ -814,7 +879,13 @@ struct MemoryBlock {
       if (sp.momentum) states_at(t - 1, s0, true, sp_);
       read_backward(t0, t, zt, gz);
       update_backward(t, zp, sp_, gz, gs);
+      if (sp.exact) exact_residual_backward(t0, t, zp[0], gz[0]);
     }
+    if (!sp.exact) return;
+    for (int p = threadIdx.x; p < n * Dk; p += blockDim.x) {
+      args.dk[token(t0 + p / Dk) * Dk + p % Dk] = from_acc<T>(da(p / Dk, 0)[p % Dk]);
+    }
+    __syncthreads();
   }
 };
 
@@ -847,10 +918,14 @@ __device__ void forward_item(const MemoryArgs<T, A>& args, int64_t item) {
     }
     __syncthreads();
     blk.load_gates(run.token0, n);
-    const A* wb[kMaxLayers];
-    blk.anchor_weights(anc, wb);
-    blk.anchor_pass(run.token0, n, wb);
-    if (blk.factored_run(n)) {
+    if (sp.exact) {  // the exact delta rule steps token by token from the previous state (Eq. 5.13)
+      blk.load_keys(run.token0, n);
+    } else {
+      const A* wb[kMaxLayers];
+      blk.anchor_weights(anc, wb);
+      blk.anchor_pass(run.token0, n, wb);
+    }
+    if (!sp.exact && blk.factored_run(n)) {
       blk.factored_read(run.token0, n, mem, true);
       blk.factored_end(n, mem);
     } else {
@@ -885,16 +960,21 @@ __device__ void backward_item(const MemoryArgs<T, A>& args, int64_t item) {
     blk.load_gates(run.token0, n);
     for (int p = threadIdx.x; p < 4 * blk.max_run() * blk.Dg; p += blockDim.x) blk.ws[blk.lay.dgates + p] = 0;
     const A* wb[kMaxLayers];
-    blk.anchor_weights(anc, wb);
-    blk.anchor_pass(run.token0, n, wb);
-    if (blk.factored_run(n)) {
-      blk.factored_read(run.token0, n, z0, false);
-      blk.factored_backward(run.token0, n, z0, gmem);
-    } else {
-      blk.token_backward(run.token0, n, z0, s0, gmem, gmom);
-    }
     A* dwb = blk.ws + blk.lay.dwb;
-    blk.anchor_backward(run.token0, n, wb, dwb);
+    if (sp.exact) {  // no anchor pass: token_backward writes dk and dv (Eq. 5.13)
+      blk.load_keys(run.token0, n);
+      blk.token_backward(run.token0, n, z0, s0, gmem, gmom);
+    } else {
+      blk.anchor_weights(anc, wb);
+      blk.anchor_pass(run.token0, n, wb);
+      if (blk.factored_run(n)) {
+        blk.factored_read(run.token0, n, z0, false);
+        blk.factored_backward(run.token0, n, z0, gmem);
+      } else {
+        blk.token_backward(run.token0, n, z0, s0, gmem, gmom);
+      }
+      blk.anchor_backward(run.token0, n, wb, dwb);
+    }
     if (sp.retained) {  // the run ended with anchor A_n (Eq. 5.2)
       for (int l = 0; l < L; ++l) {
         const A* g = ganc[l];
@@ -905,7 +985,7 @@ __device__ void backward_item(const MemoryArgs<T, A>& args, int64_t item) {
       }
       blk.scale_by_cum(n - 1, ganc);
     }
-    for (int l = 0; l < L; ++l) {
+    for (int l = 0; l < L && !sp.exact; ++l) {
       const int in = sp.dims[l], out = sp.dims[l + 1];
       const A* g = dwb + blk.woff[l];
       const LinkStats<A> st = link_stats(sp, anc[l], out, in, blk.rows(l));
