@@ -281,11 +281,13 @@ ChunkGrads chunk_backward(const MemoryParams& p, const ChunkInputs& in, const Ch
   ChunkGrads out;
   DeltaSolveGrads exact;
   if (p.exact_chunks()) {  // through the residuals' triangular solve (Eqs. 5.18-5.19)
-    exact = delta_residuals_backward(p, f.exact, in.k, as_channels(in.lr), start.memory[0], g.dd[0]);
+    exact = delta_residuals_backward(p, c, f.exact, in.k, start.memory[0], g.dd[0]);
     out.k = exact.k + g.da[0];
     out.v = exact.v;
     out.state.anchor = g.danchor;
     g.dz0[0] += exact.z0;
+    g.dA += exact.cum;
+    if (c.factored) g.det += exact.et;
   } else {
     anchor_backward(p, f, in, start, g, out);
   }
@@ -316,14 +318,14 @@ ChunkGrads chunk_backward(const MemoryParams& p, const ChunkInputs& in, const Ch
   } else {
     de = (g.dC * c.alpha.D).sum(1);
     dDa = g.dC * e_cols;
+    if (p.exact_chunks()) {
+      de = de + exact.lr;
+      dDa = dDa + exact.D;
+    }
   }
   if (!c.factored) {
     if (in.alpha.defined()) out.alpha = decay_backward(c.alpha, dDa, g.dA);
     out.lr = de;
-  }
-  if (p.exact_chunks()) {
-    out.lr = out.lr + exact.lr;
-    if (exact.alpha.defined()) out.alpha = out.alpha + exact.alpha;
   }
   // Gates given one per head come back in their own shape.
   const auto shaped = [](const Tensor& grad, const Tensor& gate) {

@@ -89,7 +89,7 @@ Forward run_forward(const MemoryParams& p, const ChunkInputs& in, const ChunkSta
   const bool residual = p.memory == Memory::Mlp && p.residual_norm;
 
   if (p.exact_chunks()) {  // the delta rule's exact gradients G_t = r_t k_t^T (Eqs. 5.13-5.16)
-    f.exact = delta_residuals(p, in.k, in.v, lr, as_channels(in.alpha), start.memory[0]);
+    f.exact = delta_residuals(p, f.c, in.k, in.v, start.memory[0]);
     f.acts = {in.k};
     f.deltas = {f.exact.r};
   } else {

@@ -97,26 +97,25 @@ BiasGrads bias_backward(const MemoryParams& p, const Tensor& grad, const Tensor&
 // channel. The run's residuals r_t solve one unit lower-triangular system per channel; with them the run's
 // gradients are G_t = r_t k_t^T and the reads and end state are Eqs. 5.8-5.12 unchanged.
 struct DeltaSolve {
-  Decay alpha;  // D^alpha and A of the run (retention l2 only)
-  Tensor dec;   // Dec[t, i]: the decay from token i's write to token t's gradient point (Eq. 5.14) [G, n, n, Dg]
-  Tensor ap;    // A'_t, the decay of Z_0 at token t's gradient point [G, n, Dg]; undefined when 1
-  Tensor kk;    // k k^T [G, n, n]
-  Tensor kz;    // k Z_0^T [G, n, Dv]
-  Tensor sys;   // L of Eq. 5.15, strictly lower, [G, Dg, n, n]
-  Tensor r;     // the residuals [G, n, Dv] (Eq. 5.16)
+  Tensor ap;   // A'_t, the decay of Z_0 at token t's gradient point (Eq. 5.14) [G, n, Dg]
+  Tensor dec;  // Dec[t, i] of Eq. 5.14 [G, n, n, Dg] (unfactored runs only)
+  Tensor kk;   // k k^T [G, n, n]
+  Tensor kz;   // k Z_0^T [G, n, Dv]
+  Tensor sys;  // L of Eq. 5.15, strictly lower, [G * Dg, n, n]
+  Tensor r;    // the residuals [G, n, Dv] (Eq. 5.16)
 };
 
-// k [G, n, Dk], v [G, n, Dv], lr (beta) and alpha [G, n, Dg] (alpha undefined for retention none), z0 the
-// run's start memory [G, Dv, Dk].
-DeltaSolve delta_residuals(const MemoryParams& p, const Tensor& k, const Tensor& v, const Tensor& lr,
-                           const Tensor& alpha, const Tensor& z0);
+// k [G, n, Dk], v [G, n, Dv], z0 the run's start memory [G, Dv, Dk]; c the run's coefficients.
+DeltaSolve delta_residuals(const MemoryParams& p, const Coefficients& c, const Tensor& k, const Tensor& v,
+                           const Tensor& z0);
 
-// The backward of delta_residuals for an upstream gradient dr of the residuals (Eq. 5.19).
+// The backward of delta_residuals for an upstream gradient dr of the residuals (Eqs. 5.18-5.19), with the
+// gate gradients in the run's coefficients: A (cum) always, e~ for factored runs, D^alpha and eta otherwise.
 struct DeltaSolveGrads {
-  Tensor k, v, lr, alpha, z0;  // alpha undefined for retention none
+  Tensor k, v, z0, cum, et, D, lr;
 };
-DeltaSolveGrads delta_residuals_backward(const MemoryParams& p, const DeltaSolve& s, const Tensor& k,
-                                         const Tensor& lr, const Tensor& z0, const Tensor& dr);
+DeltaSolveGrads delta_residuals_backward(const MemoryParams& p, const Coefficients& c, const DeltaSolve& s,
+                                         const Tensor& k, const Tensor& z0, const Tensor& dr);
 
 // Everything the forward of a run computes; the backward recomputes it from the run's start state.
 struct Forward {
