@@ -93,9 +93,9 @@ DeltaSolveGrads delta_residuals_backward(const MemoryParams& p, const Coefficien
   if (c.factored) {  // L = A'_t kk[t, i] e~_i
     const Tensor rows = system_rows(s.ap), cols = system_cols(c.et);
     const Tensor dlk = dl * kk;
-    dap = dap + gate_of((dlk * cols).sum(-1, true), G, Dg);
-    g.et = gate_of((dlk * rows).sum(-2, true), G, Dg);
-    dkk = dl * rows * cols;
+    dap = dap + gate_of(at::matmul(dlk, cols.transpose(-1, -2)), G, Dg);
+    g.et = gate_of(at::matmul(dlk.transpose(-1, -2), rows), G, Dg);
+    dkk = (dl * rows).mul_(cols);
   } else {  // L = Dec[t, i] eta_i kk[t, i]
     const Tensor d4 = dl.view({G, Dg, n, n}).permute({0, 2, 3, 1});  // [G, n, n, Dg]
     const Tensor e_cols = c.e.unsqueeze(1);
@@ -106,7 +106,7 @@ DeltaSolveGrads delta_residuals_backward(const MemoryParams& p, const Coefficien
     dkk = (d4 * s.dec * e_cols).permute({0, 3, 1, 2}).reshape({G * Dg, n, n});
   }
   if (Dg > 1) dkk = dkk.view({G, Dg, n, n}).sum(1);
-  g.k += at::matmul(dkk, k) + at::matmul(dkk.transpose(-1, -2), k);
+  g.k += at::matmul(dkk + dkk.transpose(-1, -2), k);
   g.cum = p.grad_at_retained ? dap : shift_up(dap);
   return g;
 }
