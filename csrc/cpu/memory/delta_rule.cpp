@@ -42,9 +42,9 @@ Tensor shift_down(const Tensor& x, double first) {
 
 Tensor strict_lower(int64_t n, const Tensor& like) { return at::ones({n, n}, like.options()).tril(-1); }
 
-// (I + L)^{-1} b, or (I + L)^{-T} b, for L strictly lower [G * Dg, n, n] and b [G * Dg, n, m]. Solved from the
-// right on the transposes, X (I + L)^T = b^T: LAPACK then reads L and b in place, 2-3x faster than the
-// left solve on row-major operands here (one thread, n = m = 64).
+// (I + L)^{-1} b, or (I + L)^{-T} b, for L strictly lower [G * Dg, n, n] and b [G * Dg, n, m], solved from
+// the right on the transposes: X (I + L)^T = b^T (or X (I + L) = b^T), X the transposed result. LAPACK then
+// reads L and b in place: 2-3x faster than the left solve on row-major operands here (one thread, n = m = 64).
 Tensor unit_lower_solve(const Tensor& L, const Tensor& b, bool transposed) {
   const Tensor a = transposed ? L : L.transpose(-1, -2);
   return at::linalg_solve_triangular(a, b.transpose(-1, -2), /*upper=*/!transposed, /*left=*/false,

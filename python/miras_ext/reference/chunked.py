@@ -5,7 +5,8 @@ linear function of rank-one gradient factors (Eqs. 5.7-5.9). Reads use the dual 
 weights are the state itself; with a nonlinear retention link (and for vector memory) the state of every
 token is materialised and read exactly (Eq. 5.11). With chunk_size 1 this is the recurrence of
 reference/recurrent.py. The delta rule (MemorySpec.exact_chunks) is computed token by token here, the exact
-recurrence at every chunk size; the compiled op computes it chunk by chunk (Eqs. 5.13-5.19). Decoding is this function called with T = 1 on the previous final state.
+recurrence at every chunk size; the compiled op computes it chunk by chunk (Eqs. 5.13-5.19). Decoding is
+this function called with T = 1 on the previous final state.
 """
 
 from __future__ import annotations
