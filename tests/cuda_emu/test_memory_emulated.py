@@ -174,7 +174,7 @@ PAIRWISE = [combo_case(c, i) for i, c in enumerate(covering_combos(FACTORS, _val
 EXTRA = [
     # Gated DeltaNet's recurrence (chunk 1), a 3-layer MLP, a run of exactly one chunk.
     Case(MemorySpec(memory="matrix", bias="l2", retention="l2", grad_at_retained=True), chunk=1, seed=101),
-    # The exact delta rule at chunk 4 (Eq. 5.13) with per-channel gates, and its mini-batch approximation.
+    # The exact delta rule at chunk 4 (Eqs. 5.13-5.19) with per-channel gates, and its mini-batch approximation.
     Case(MemorySpec(memory="matrix", bias="l2", retention="l2", grad_at_retained=True), layout="offset",
          per_channel=True, seed=102),
     Case(MemorySpec(memory="matrix", bias="l2", retention="none"), layout="varlen", seed=103),
@@ -223,6 +223,12 @@ LOW_PRECISION = [
          chunk=16, dtype="float32", seed=211),
     Case(MemorySpec(memory="mlp", layers=2, expansion=4, bias="yaad", retention="l2"), layout="chunks16", dk=32,
          dv=32, chunk=16, dtype="bfloat16", seed=212),
+    # The exact delta rule's chunk products on tensor cores (factored runs, Eqs. 5.14-5.19): Dk != Dv, and a
+    # run longer than Dk with per-channel gates.
+    Case(MemorySpec(memory="matrix", bias="l2", retention="l2", grad_at_retained=True), layout="chunks16", dk=32,
+         dv=16, chunk=16, dtype="bfloat16", seed=213),
+    Case(MemorySpec(memory="matrix", bias="l2", retention="none"), layout="chunks16b", dk=8, dv=24, chunk=16,
+         per_channel=True, dtype="float16", seed=214),
     # Second-order gradients past float16's 65504: tensor-core operands in float16 made them inf.
     Case(MemorySpec(memory="mlp", layers=2, expansion=2, bias="yaad", retention="l2"), layout="chunks16b", dk=8,
          dv=8, chunk=16, dtype="float16", seed=941933),

@@ -104,7 +104,8 @@ MIRAS_HD Workspace workspace_layout(const KernelSpec& s, int64_t n, bool backwar
   w.rows = take(2 * outs);
   w.dual = take(n * (2 * outs + 2 * ins) + int64_t(s.layers) * n * n);
   const int64_t wide = n * (n > s.widest() ? n : s.widest());
-  w.scratch = take((wide > W ? wide : W) + wide + W);
+  // The exact delta rule's chunk products (n x n from [n, widest] operands) need n * widest more.
+  w.scratch = take((wide > W ? wide : W) + wide + W + (s.exact ? n * s.widest() : 0));
   if (backward) {
     w.states = take(n * W * (s.momentum ? 2 : 1));
     w.dwb = take(W);
