@@ -5,8 +5,9 @@
 // S_t = m_t S_{t-1} - eta_t G_t, Z_t = alpha_t Z_{t-1} + S_t (the recurrences that Eqs. 5.8-5.9 sum), and
 // each token reads phi(Z_t) exactly (Eqs. 4.3, 5.11). The backward recomputes a run from its checkpoint,
 // keeps Z_t for every token of the run, and walks it in reverse, then differentiates the gradients at the
-// anchor (second order, Eq. 9.4); Eq. 9.6 writes this token recurrence out. State and arithmetic are in A
-// (float, or double for double inputs).
+// anchor (second order, Eq. 9.4); Eq. 9.6 writes this token recurrence out. The exact delta rule
+// (KernelSpec::exact) replaces the anchor's gradients by the exact residuals (Eqs. 5.13-5.19). State and
+// arithmetic are in A (float, or double for double inputs).
 // Launch code lives in memory_launch.inc only, so that the CPU emulator can run these kernels.
 #pragma once
 
