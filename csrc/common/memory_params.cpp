@@ -17,10 +17,10 @@ namespace miras {
 namespace {
 
 // Every field of MemorySpec, in declaration order (the order encode() writes them).
-constexpr std::array<std::string_view, 17> kFields{
+constexpr std::array<std::string_view, 18> kFields{
     "memory",     "layers",        "expansion", "activation",       "residual_norm", "ln_eps",
     "bias",       "p",             "eps",       "retention",        "norm_order",    "norm_floor",
-    "simplex_scale", "shrinkage",  "grad_at_retained", "algorithm", "lag_token"};
+    "simplex_scale", "shrinkage",  "grad_at_retained", "algorithm", "lag_token",     "minibatch"};
 
 template <typename E, size_t K>
 E choice(std::string_view field, std::string_view value, const std::array<std::pair<std::string_view, E>, K>& names) {
@@ -115,6 +115,8 @@ void set_field(MemoryParams& mp, std::string_view field, std::string_view value,
     mp.algorithm = choice(field, value, algorithms);
   } else if (field == "lag_token") {
     mp.lag_token = flag(field, value);
+  } else if (field == "minibatch") {
+    mp.minibatch = flag(field, value);
   }
 }
 

@@ -30,6 +30,7 @@ struct MemoryParams {
   bool grad_at_retained = false;
   Algorithm algorithm = Algorithm::Gd;
   bool lag_token = false;
+  bool minibatch = false;  // the delta rule at the anchor (Eq. 5.1) instead of exactly (Eqs. 5.13-5.19)
 
   // Derived, filled by the caller from the tensors.
   bool per_channel = false;  // lr/alpha/momentum are [.., Dv] rather than one per head
@@ -41,6 +42,12 @@ struct MemoryParams {
            retention == Retention::Sigmoid;
   }
   bool momentum() const { return algorithm == Algorithm::Momentum; }
+  // The delta rule (matrix memory, l2 bias, GD, retention none or l2) computed exactly at every chunk size
+  // (docs/math.md Eqs. 5.13-5.19; MemorySpec.exact_chunks).
+  bool exact_chunks() const {
+    return memory == Memory::Matrix && bias == Bias::l2 && algorithm == Algorithm::Gd &&
+           (retention == Retention::None || retention == Retention::L2) && !minibatch;
+  }
 };
 
 // Parses MemorySpec.encode(); throws a ValueError-mapped c10 error naming the field on bad input.

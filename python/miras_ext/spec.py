@@ -52,6 +52,10 @@ class MemorySpec:
     grad_at_retained:  take the gradient at alpha_t * W_{t-1} (Gated DeltaNet) instead of W_{t-1} (Eq. 3.2).
     algorithm:         "gd" (Eq. 4.1) or "momentum" (Titans, Eq. 4.2).
     lag_token:         make the first token of every chunk its own chunk (Memora's lag token, Eq. 5.6).
+    minibatch:         take the delta rule's gradients at the chunk's anchor (the paper's Section 5.4
+                       approximation, Eq. 5.1) instead of computing the exact recurrence at every chunk size
+                       (Eqs. 5.13-5.19). It only matters for the delta-rule family (`exact_chunks`); every
+                       other memory always takes its gradients at the anchor.
     """
 
     memory: str = "matrix"
@@ -71,6 +75,7 @@ class MemorySpec:
     grad_at_retained: bool = False
     algorithm: str = "gd"
     lag_token: bool = False
+    minibatch: bool = False
 
     def __post_init__(self) -> None:
         _choice("memory", self.memory, MEMORIES)
@@ -107,6 +112,19 @@ class MemorySpec:
     def linked(self) -> bool:
         """True when the weights are phi(Z) for a nonlinear link phi (Eq. 3.3)."""
         return self.retention in LINKED_RETENTIONS
+
+    @property
+    def delta_rule(self) -> bool:
+        """Matrix memory, l2 bias, GD, retention none or l2: DeltaNet and Gated DeltaNet (Eqs. 3.1, 3.2),
+        whose chunk has the closed form of Eqs. 5.13-5.19."""
+        return (self.memory == "matrix" and self.bias == "l2" and self.algorithm == "gd"
+                and self.retention in ("none", "l2"))
+
+    @property
+    def exact_chunks(self) -> bool:
+        """True when every chunk size computes the exact recurrence (Eqs. 5.13-5.19) rather than the
+        anchored mini-batch form (Eq. 5.1)."""
+        return self.delta_rule and not self.minibatch
 
     @property
     def uses_threshold(self) -> bool:

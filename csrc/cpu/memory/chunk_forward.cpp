@@ -5,8 +5,6 @@ namespace miras::chunk {
 
 namespace {
 
-Tensor as_channels(const Tensor& g) { return !g.defined() || g.dim() == 3 ? g : g.unsqueeze(-1); }
-
 // The dual-form read of weight tensor l at inputs h (Eq. 5.10), never forming W_t. Factored runs keep the
 // products their backward needs in f.rdots / f.rv.
 Tensor dual_read(Forward& f, int l, const Tensor& h, const Tensor& z0, const Tensor& s0) {
@@ -51,18 +49,10 @@ Tensor all_states(Forward& f, int l, const Tensor& z0, const Tensor& s0) {
   return z - accumulate(c.C, f.deltas[l], f.acts[l], f.side[l]);
 }
 
-}  // namespace
-
-Forward run_forward(const MemoryParams& p, const ChunkInputs& in, const ChunkState& start) {
-  Forward f;
+// The gradients at the anchor as rank-one factors (Eqs. 5.1-5.5).
+void anchor_pass(const MemoryParams& p, Forward& f, const ChunkInputs& in, const ChunkState& start) {
   const int L = p.num_layers();
-  const Tensor lr = as_channels(in.lr);
-  f.Dg = lr.size(-1);
-  for (int l = 0; l < L; ++l) f.side.push_back(gate_side(p, l, p.per_channel));
-  f.c = coefficients(p, lr, as_channels(in.alpha), as_channels(in.momentum));
   const bool residual = p.memory == Memory::Mlp && p.residual_norm;
-
-  // Gradients at the anchor (Eqs. 5.1-5.5).
   for (const Tensor& z : start.anchor) f.wb.push_back(link(p, z));
   Tensor h = in.k;
   for (int l = 0; l < L; ++l) {
@@ -85,12 +75,32 @@ Forward run_forward(const MemoryParams& p, const ChunkInputs& in, const ChunkSta
     d = f.back[l - 1] * f.pre_grad[l - 1];
     f.deltas[l - 1] = d;
   }
+}
+
+}  // namespace
+
+Forward run_forward(const MemoryParams& p, const ChunkInputs& in, const ChunkState& start) {
+  Forward f;
+  const int L = p.num_layers();
+  const Tensor lr = as_channels(in.lr);
+  f.Dg = lr.size(-1);
+  for (int l = 0; l < L; ++l) f.side.push_back(gate_side(p, l, p.per_channel));
+  f.c = coefficients(p, lr, as_channels(in.alpha), as_channels(in.momentum));
+  const bool residual = p.memory == Memory::Mlp && p.residual_norm;
+
+  if (p.exact_chunks()) {  // the delta rule's exact gradients G_t = r_t k_t^T (Eqs. 5.13-5.16)
+    f.exact = delta_residuals(p, f.c, in.k, in.v, start.memory[0]);
+    f.acts = {in.k};
+    f.deltas = {f.exact.r};
+  } else {
+    anchor_pass(p, f, in, start);
+  }
 
   // The read (Eq. 4.3): dual form for W = Z, materialised states under a nonlinear link (Eq. 5.11).
   f.x = in.q * p.scale;
   f.rdots.assign(L, Tensor());
   f.rv.assign(L, Tensor());
-  h = f.x;
+  Tensor h = f.x;
   for (int l = 0; l < L; ++l) {
     f.rin.push_back(h);
     const Tensor s0 = p.momentum() ? start.momentum[l] : Tensor();

@@ -17,6 +17,8 @@ Tensor tril_mask(int64_t n, int64_t diagonal, const Tensor& like) {
 
 }  // namespace
 
+Tensor as_channels(const Tensor& g) { return !g.defined() || g.dim() == 3 ? g : g.unsqueeze(-1); }
+
 Decay decay(const Tensor& g) {
   const int64_t n = g.size(1);
   const Tensor rows = g.unsqueeze(2);  // [G, n(t), 1, Dg]

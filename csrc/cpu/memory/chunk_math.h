@@ -13,6 +13,9 @@ namespace miras::chunk {
 
 using at::Tensor;
 
+// A gate [G, n] (one per head) or [G, n, Dv] as [G, n, Dg]; undefined stays undefined.
+Tensor as_channels(const Tensor& g);
+
 // Eq. 5.7: D[t, i] = prod_{i < j <= t} g_j (i <= t, else 0) as [G, n, n, Dg], and cum_t = prod_{j <= t} g_j.
 struct Decay {
   Tensor D, cum;
@@ -90,6 +93,31 @@ struct BiasGrads {
 BiasGrads bias_backward(const MemoryParams& p, const Tensor& grad, const Tensor& y, const Tensor& v,
                         const Tensor& delta);
 
+// The exact chunk of the delta rule (docs/math.md Eqs. 5.13-5.19, cpu/memory/delta_rule.cpp): matrix memory,
+// l2 bias, GD, retention none or l2 in either gradient order (Eqs. 3.1, 3.2), gates per head or per row
+// channel. The run's residuals r_t solve one unit lower-triangular system per channel; with them the run's
+// gradients are G_t = r_t k_t^T and the reads and end state are Eqs. 5.8-5.12 unchanged.
+struct DeltaSolve {
+  Tensor ap;   // A'_t, the decay of Z_0 at token t's gradient point (Eq. 5.14) [G, n, Dg]
+  Tensor dec;  // Dec[t, i] of Eq. 5.14 [G, n, n, Dg] (unfactored runs only)
+  Tensor kk;   // k k^T [G, n, n]
+  Tensor kz;   // k Z_0^T [G, n, Dv]
+  Tensor sys;  // L of Eq. 5.15, strictly lower, [G * Dg, n, n]
+  Tensor r;    // the residuals [G, n, Dv] (Eq. 5.16)
+};
+
+// k [G, n, Dk], v [G, n, Dv], z0 the run's start memory [G, Dv, Dk]; c the run's coefficients.
+DeltaSolve delta_residuals(const MemoryParams& p, const Coefficients& c, const Tensor& k, const Tensor& v,
+                           const Tensor& z0);
+
+// The backward of delta_residuals for an upstream gradient dr of the residuals (Eqs. 5.18-5.19), with the
+// gate gradients in the run's coefficients: A (cum) always, e~ for factored runs, D^alpha and eta otherwise.
+struct DeltaSolveGrads {
+  Tensor k, v, z0, cum, et, D, lr;
+};
+DeltaSolveGrads delta_residuals_backward(const MemoryParams& p, const Coefficients& c, const DeltaSolve& s,
+                                         const Tensor& k, const Tensor& z0, const Tensor& dr);
+
 // Everything the forward of a run computes; the backward recomputes it from the run's start state.
 struct Forward {
   int64_t Dg = 1;
@@ -100,6 +128,7 @@ struct Forward {
   std::vector<Tensor> acts, pre, deltas;  // anchor pass: layer inputs, pre-activations, Eq. 5.3-5.4 deltas
   std::vector<Tensor> pre_grad, back;     // s'(pre[l]) and deltas[l + 1] W_{l+1}, for l < L - 1 (Eq. 5.4)
   Tensor y, g;                            // anchor prediction and bias gradient
+  DeltaSolve exact;                       // the exact delta rule's residuals (MemoryParams::exact_chunks)
   std::vector<Tensor> rin, rpre;          // read pass: layer inputs and pre-activations
   std::vector<Tensor> rdots, rv;          // factored dual reads: masked n x n products, and rows' u / A
   std::vector<Tensor> rz, rw;             // materialised states and weights (nonlinear link only)

@@ -32,6 +32,7 @@ struct KernelSpec {
   int32_t momentum = 0;                 // algorithm "momentum"
   int32_t per_channel = 0;              // gates [.., Dv] rather than one per head
   int32_t retained = 0;                 // grad_at_retained (Eq. 5.2)
+  int32_t exact = 0;                    // the delta rule exactly: gradients at the previous state (Eq. 5.13)
   double scale = 1;                     // multiplies q (Eq. 4.3)
 
   MIRAS_HD int64_t size(int l) const { return int64_t(dims[l]) * dims[l + 1]; }
@@ -104,7 +105,8 @@ MIRAS_HD Workspace workspace_layout(const KernelSpec& s, int64_t n, bool backwar
   w.rows = take(2 * outs);
   w.dual = take(n * (2 * outs + 2 * ins) + int64_t(s.layers) * n * n);
   const int64_t wide = n * (n > s.widest() ? n : s.widest());
-  w.scratch = take((wide > W ? wide : W) + wide + W);
+  // The exact delta rule's chunk products (n x n from [n, widest] operands) need n * widest more.
+  w.scratch = take((wide > W ? wide : W) + wide + W + (s.exact ? n * s.widest() : 0));
   if (backward) {
     w.states = take(n * W * (s.momentum ? 2 : 1));
     w.dwb = take(W);

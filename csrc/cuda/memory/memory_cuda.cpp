@@ -95,6 +95,7 @@ KernelSpec kernel_spec(const Problem& P, const std::optional<at::Tensor>& delta)
   s.momentum = mp.momentum();
   s.per_channel = mp.per_channel;
   s.retained = mp.grad_at_retained;
+  s.exact = mp.exact_chunks();
   s.scale = mp.scale;
   return s;
 }

@@ -151,6 +151,7 @@ Case parse_case(const std::string& text) {
     else if (key == "momentum") s.momentum = int32_t(integer());
     else if (key == "per_channel") s.per_channel = int32_t(integer());
     else if (key == "retained") s.retained = int32_t(integer());
+    else if (key == "exact") s.exact = int32_t(integer());
     else if (key == "scale") s.scale = num();
     else if (key == "B") c.B = integer();
     else if (key == "T") c.T = integer();
