@@ -24,7 +24,8 @@ MODELS = {
     "memora": MemorySpec(memory="mlp", bias="l2", retention="kl", lag_token=True),
     "titans": MemorySpec(memory="mlp", bias="l2", retention="l2", algorithm="momentum", residual_norm=False,
                          activation="silu"),
-    "gated-delta": MemorySpec(memory="matrix", bias="l2", retention="l2", grad_at_retained=True),
+    # The delta rule is exact at every chunk size (Eqs. 5.13-5.19); minibatch=True measures its approximation.
+    "gated-delta": MemorySpec(memory="matrix", bias="l2", retention="l2", grad_at_retained=True, minibatch=True),
 }
 
 

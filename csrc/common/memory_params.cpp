@@ -17,9 +17,10 @@ namespace miras {
 namespace {
 
 // Every field of MemorySpec, in declaration order (the order encode() writes them).
-constexpr std::array<std::string_view, 15> kFields{
-    "memory", "layers",     "expansion",     "activation", "residual_norm",    "bias",      "p",        "eps",
-    "retention", "norm_order", "simplex_scale", "shrinkage", "grad_at_retained", "algorithm", "lag_token"};
+constexpr std::array<std::string_view, 18> kFields{
+    "memory",     "layers",        "expansion", "activation",       "residual_norm", "ln_eps",
+    "bias",       "p",             "eps",       "retention",        "norm_order",    "norm_floor",
+    "simplex_scale", "shrinkage",  "grad_at_retained", "algorithm", "lag_token",     "minibatch"};
 
 template <typename E, size_t K>
 E choice(std::string_view field, std::string_view value, const std::array<std::pair<std::string_view, E>, K>& names) {
@@ -90,9 +91,10 @@ void set_field(MemoryParams& mp, std::string_view field, std::string_view value,
   } else if (field == "p") {
     mp.p = number(field, value);
     TORCH_CHECK_VALUE(mp.p >= 1.0 && std::isfinite(mp.p), "spec: p: the l_p bias needs a finite p >= 1, got ", mp.p);
-  } else if (field == "eps") {
-    mp.eps = number(field, value);
-    TORCH_CHECK_VALUE(mp.eps > 0 && std::isfinite(mp.eps), "spec: eps: expected a finite eps > 0, got ", mp.eps);
+  } else if (field == "eps" || field == "ln_eps" || field == "norm_floor") {
+    double& x = field == "eps" ? mp.eps : field == "ln_eps" ? mp.ln_eps : mp.norm_floor;
+    x = number(field, value);
+    TORCH_CHECK_VALUE(x > 0 && std::isfinite(x), "spec: ", field, ": expected a finite number > 0, got ", x);
   } else if (field == "retention") {
     mp.retention = choice(field, value, retentions);
   } else if (field == "norm_order") {
@@ -113,6 +115,8 @@ void set_field(MemoryParams& mp, std::string_view field, std::string_view value,
     mp.algorithm = choice(field, value, algorithms);
   } else if (field == "lag_token") {
     mp.lag_token = flag(field, value);
+  } else if (field == "minibatch") {
+    mp.minibatch = flag(field, value);
   }
 }
 

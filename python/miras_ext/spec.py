@@ -40,14 +40,22 @@ class MemorySpec:
     layers, expansion: MLP depth and hidden width (expansion * Dk); ignored for other memories.
     activation:        MLP nonlinearity, "gelu" (exact, erf) or "silu".
     residual_norm:     MLP read-out x + LayerNorm(f(x)) (Eq. 1.4, the paper's form); needs Dk == Dv.
+    ln_eps:            epsilon of that LayerNorm (Eq. 1.4): it bounds the LayerNorm's gain 1 / sqrt(var + ln_eps)
+                       when the memory's weights are small (docs/math.md Section 8, point 15).
     bias, p, eps:      attentional bias (Section 2); p for "lp", eps the smoothing of |x| and ||r||.
     retention:         retention gate (Section 3).
     norm_order:        q of the l_q retention (Eq. 3.5).
+    norm_floor:        added to sum |A|^q in the l_q normaliser (Eq. 3.5): it bounds ||W|| when the
+                       accumulator A is small (docs/math.md Section 8, point 15).
     simplex_scale:     c of the KL retention (Eq. 3.6); None means sqrt(fan_in) per weight tensor.
     shrinkage:         soft-threshold gamma of the elastic-net retention (Eq. 3.7).
     grad_at_retained:  take the gradient at alpha_t * W_{t-1} (Gated DeltaNet) instead of W_{t-1} (Eq. 3.2).
     algorithm:         "gd" (Eq. 4.1) or "momentum" (Titans, Eq. 4.2).
     lag_token:         make the first token of every chunk its own chunk (Memora's lag token, Eq. 5.6).
+    minibatch:         take the delta rule's gradients at the chunk's anchor (the paper's Section 5.4
+                       approximation, Eq. 5.1) instead of computing the exact recurrence at every chunk size
+                       (Eqs. 5.13-5.19). It only matters for the delta-rule family (`exact_chunks`); every
+                       other memory always takes its gradients at the anchor.
     """
 
     memory: str = "matrix"
@@ -55,16 +63,19 @@ class MemorySpec:
     expansion: int = 4
     activation: str = "gelu"
     residual_norm: bool = True
+    ln_eps: float = 1e-5
     bias: str = "l2"
     p: float = 2.0
     eps: float = 1e-6
     retention: str = "l2"
     norm_order: float = 4.0
+    norm_floor: float = 1e-12
     simplex_scale: float | None = None
     shrinkage: float = 1e-3
     grad_at_retained: bool = False
     algorithm: str = "gd"
     lag_token: bool = False
+    minibatch: bool = False
 
     def __post_init__(self) -> None:
         _choice("memory", self.memory, MEMORIES)
@@ -78,8 +89,10 @@ class MemorySpec:
             raise ValueError(f"expansion: expected an integer >= 1, got {self.expansion!r}")
         if not (self.p >= 1.0 and math.isfinite(self.p)):
             raise ValueError(f"p: the l_p bias needs a finite p >= 1, got {self.p!r}")
-        if not self.eps > 0:
-            raise ValueError(f"eps: expected > 0, got {self.eps!r}")
+        for name in ("eps", "ln_eps", "norm_floor"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and value > 0 and math.isfinite(value)):
+                raise ValueError(f"{name}: expected a finite number > 0, got {value!r}")
         if not (self.norm_order >= 1.0 and math.isfinite(self.norm_order)):
             raise ValueError(f"norm_order: the l_q retention needs a finite q >= 1, got {self.norm_order!r}")
         if self.simplex_scale is not None and not self.simplex_scale > 0:
@@ -99,6 +112,19 @@ class MemorySpec:
     def linked(self) -> bool:
         """True when the weights are phi(Z) for a nonlinear link phi (Eq. 3.3)."""
         return self.retention in LINKED_RETENTIONS
+
+    @property
+    def delta_rule(self) -> bool:
+        """Matrix memory, l2 bias, GD, retention none or l2: DeltaNet and Gated DeltaNet (Eqs. 3.1, 3.2),
+        whose chunk has the closed form of Eqs. 5.13-5.19."""
+        return (self.memory == "matrix" and self.bias == "l2" and self.algorithm == "gd"
+                and self.retention in ("none", "l2"))
+
+    @property
+    def exact_chunks(self) -> bool:
+        """True when every chunk size computes the exact recurrence (Eqs. 5.13-5.19) rather than the
+        anchored mini-batch form (Eq. 5.1)."""
+        return self.delta_rule and not self.minibatch
 
     @property
     def uses_threshold(self) -> bool:

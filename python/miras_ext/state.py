@@ -14,7 +14,8 @@ class MemoryState(NamedTuple):
               accumulator that phi maps to weights otherwise, Eq. 3.3).
     momentum: S per weight tensor (algorithm "momentum"), else ().
     anchor:   the state whose phi the current chunk's gradients are taken at (Eq. 5.1): Z at the chunk's
-              first token; with grad_at_retained, Z there times the retention since (Eq. 5.2).
+              first token; with grad_at_retained, Z there times the retention since (Eq. 5.2). The exact
+              delta rule (MemorySpec.exact_chunks) carries it on the same schedule but never reads it.
     position: [N] int64, tokens written so far; with chunk_size it fixes where the next chunk starts.
 
     N is the batch size, or the number of sequences with cu_seqlens.

@@ -97,6 +97,8 @@ class Case:
             parts.append("gar")
         if s.lag_token:
             parts.append("lag")
+        if s.minibatch:
+            parts.append("minibatch")
         if self.tiny_alpha is not None:
             parts.append("tiny-alpha")
         if self.chunk != CHUNK:
@@ -172,6 +174,11 @@ PAIRWISE = [combo_case(c, i) for i, c in enumerate(covering_combos(FACTORS, _val
 EXTRA = [
     # Gated DeltaNet's recurrence (chunk 1), a 3-layer MLP, a run of exactly one chunk.
     Case(MemorySpec(memory="matrix", bias="l2", retention="l2", grad_at_retained=True), chunk=1, seed=101),
+    # The exact delta rule at chunk 4 (Eqs. 5.13-5.19) with per-channel gates, and its mini-batch approximation.
+    Case(MemorySpec(memory="matrix", bias="l2", retention="l2", grad_at_retained=True), layout="offset",
+         per_channel=True, seed=102),
+    Case(MemorySpec(memory="matrix", bias="l2", retention="none"), layout="varlen", seed=103),
+    Case(MemorySpec(memory="matrix", bias="l2", retention="l2", grad_at_retained=True, minibatch=True), seed=104),
     Case(MemorySpec(memory="mlp", layers=3, expansion=2, residual_norm=False, bias="l2", retention="l2",
                     algorithm="momentum"), dk=5, dv=7, seed=102),
     Case(MemorySpec(memory="matrix", bias="huber", retention="kl"), chunk=11, delta_per_channel=True, seed=103),
@@ -216,6 +223,12 @@ LOW_PRECISION = [
          chunk=16, dtype="float32", seed=211),
     Case(MemorySpec(memory="mlp", layers=2, expansion=4, bias="yaad", retention="l2"), layout="chunks16", dk=32,
          dv=32, chunk=16, dtype="bfloat16", seed=212),
+    # The exact delta rule's chunk products on tensor cores (factored runs, Eqs. 5.14-5.19): Dk != Dv, and a
+    # run longer than Dk with per-channel gates.
+    Case(MemorySpec(memory="matrix", bias="l2", retention="l2", grad_at_retained=True), layout="chunks16", dk=32,
+         dv=16, chunk=16, dtype="bfloat16", seed=213),
+    Case(MemorySpec(memory="matrix", bias="l2", retention="none"), layout="chunks16b", dk=8, dv=24, chunk=16,
+         per_channel=True, dtype="float16", seed=214),
     # Second-order gradients past float16's 65504: tensor-core operands in float16 made them inf.
     Case(MemorySpec(memory="mlp", layers=2, expansion=2, bias="yaad", retention="l2"), layout="chunks16b", dk=8,
          dv=8, chunk=16, dtype="float16", seed=941933),
@@ -331,12 +344,15 @@ def case_file(case: Case, x: dict) -> bytes:
         "eps": repr(float(spec.eps)),
         "link": LINKS[spec.retention],
         "norm_order": repr(float(spec.norm_order)),
+        "norm_floor": repr(float(spec.norm_floor)),
+        "ln_eps": repr(float(spec.ln_eps)),
         "shrinkage": repr(float(spec.shrinkage)),
         "simplex_scale": repr(-1.0 if spec.simplex_scale is None else float(spec.simplex_scale)),
         "has_alpha": int(spec.has_retention_gate),
         "momentum": int(spec.algorithm == "momentum"),
         "per_channel": int(x["lr"].dim() == 4),
         "retained": int(spec.grad_at_retained),
+        "exact": int(spec.exact_chunks),
         "scale": repr(float(case.scale)),
         "B": lay.B, "T": lay.T, "H": H, "N": len(lay.position), "chunk": case.chunk, "lag": int(spec.lag_token),
         "position": " ".join(map(str, lay.position)),

@@ -8,6 +8,8 @@ tolerances measure algebra, not rounding.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -183,3 +185,20 @@ def test_runs_whose_retention_underflows(per_channel, retention):
     inp = make_inputs(spec, B=1, T=80, H=2, per_channel=per_channel, init="random")
     inp.gates["alpha"][:, :50] = 1e-5  # the first chunk's A reaches 1e-250, under the float64 floor 1e-6
     assert_same(forward_and_grads(miras_ext.memory_forward, inp, chunk_size=64), forward_and_grads(reference.chunked, inp, chunk_size=64))
+
+
+@pytest.mark.parametrize("spec", [
+    MemorySpec(memory="mlp", bias="lp", p=3.0, retention="lq", ln_eps=1e-2, norm_floor=0.5),
+    MemorySpec(memory="mlp", bias="yaad", eps=0.1, retention="l2", ln_eps=1e-2),
+    MemorySpec(memory="mlp", bias="l2", retention="kl", lag_token=True, ln_eps=3e-3),
+], ids=["moneta", "yaad", "memora"])
+@pytest.mark.parametrize("chunk_size", [1, 4])
+def test_stabilising_fields(spec, chunk_size):
+    """ln_eps and norm_floor (docs/math.md Section 8, point 15) reach every path and gradient of the op, and
+    change the result (the floor is large enough here to matter: sum |A|^q is O(1) at this scale)."""
+    inp = make_inputs(spec, T=11, per_channel=True, init="random")
+    got = forward_and_grads(miras_ext.memory_forward, inp, chunk_size=chunk_size)
+    assert_same(got, forward_and_grads(reference.chunked, inp, chunk_size=chunk_size))
+    plain = dataclasses.replace(spec, ln_eps=1e-5, norm_floor=1e-12)
+    plain_inp = make_inputs(plain, T=11, per_channel=True, init="random")
+    assert rel(forward_and_grads(miras_ext.memory_forward, plain_inp, chunk_size=chunk_size)[0], got[0]) > 1e-6

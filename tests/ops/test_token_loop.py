@@ -1,4 +1,4 @@
-"""The token loop of the CPU op (csrc/cpu/memory/token_loop.cpp; docs/math.md Eqs. 5.13-5.14): every linked
+"""The token loop of the CPU op (csrc/cpu/memory/token_loop.cpp; docs/math.md Eqs. 5.20-5.21): every linked
 retention (l_q, KL, elastic net, sigmoid) and momentum, against reference.chunked in float64.
 
 Output, final state and every gradient (q, k, v, lr, alpha, momentum, the initial state) to 1e-9, with gates

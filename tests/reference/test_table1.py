@@ -132,7 +132,9 @@ def test_mamba2():
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Delta rules (l2 bias, matrix memory).
+# Delta rules (l2 bias, matrix memory): exact at every chunk size (docs/math.md Eqs. 5.13-5.19).
+
+DELTA_CHUNKS = (1, 3, 16)
 
 
 def test_deltanet():
@@ -148,7 +150,7 @@ def test_deltanet():
         outs.append(mv(s, q[:, t]))
     o = torch.stack(outs, 1)
     spec = MemorySpec(memory="matrix", bias="l2", retention="none")
-    check(run_both(spec, q, k, v, beta), o, (s,))
+    check(run_both(spec, q, k, v, beta, chunk_sizes=DELTA_CHUNKS), o, (s,))
 
 
 def gated_deltanet_inputs():
@@ -173,7 +175,7 @@ def test_gated_deltanet():
         outs.append(mv(s, q[:, t]))
     o = torch.stack(outs, 1)
     spec = MemorySpec(memory="matrix", bias="l2", retention="l2", grad_at_retained=True)
-    check(run_both(spec, q, k, v, beta, alpha, initial_state=(s0,)), o, (s,))
+    check(run_both(spec, q, k, v, beta, alpha, initial_state=(s0,), chunk_sizes=DELTA_CHUNKS), o, (s,))
 
     plain = MemorySpec(memory="matrix", bias="l2", retention="l2", grad_at_retained=False)
     for name, o_plain, _ in run_both(plain, q, k, v, beta, alpha, initial_state=(s0,)):
@@ -181,8 +183,8 @@ def test_gated_deltanet():
 
 
 def test_gated_deltanet_minibatch():
-    """Mini-batch Gated DeltaNet (docs/math.md Eq. 5.2): token t of a chunk starting at t' takes its gradient at
-    (prod_{t'<=j<=t} alpha_j) S_{t'-1}; with b = 1 this is Gated DeltaNet."""
+    """Mini-batch Gated DeltaNet (docs/math.md Eq. 5.2, `minibatch=True`): token t of a chunk starting at t' takes
+    its gradient at (prod_{t'<=j<=t} alpha_j) S_{t'-1}; with b = 1 this is Gated DeltaNet."""
     q, k, v, alpha, beta, s0 = gated_deltanet_inputs()
     b = 4
     s = s0.expand(B, H, DV, DK)
@@ -196,7 +198,7 @@ def test_gated_deltanet_minibatch():
         s = a * s - bt * outer(mv(anchor, k[:, t]) - v[:, t], k[:, t])
         outs.append(mv(s, q[:, t]))
     o = torch.stack(outs, 1)
-    spec = MemorySpec(memory="matrix", bias="l2", retention="l2", grad_at_retained=True)
+    spec = MemorySpec(memory="matrix", bias="l2", retention="l2", grad_at_retained=True, minibatch=True)
     check(run_both(spec, q, k, v, beta, alpha, initial_state=(s0,), chunk_sizes=(b,)), o, (s,))
 
 

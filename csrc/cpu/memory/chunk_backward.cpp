@@ -11,7 +11,7 @@ namespace {
 struct Acc {
   Tensor dC, dA, dP, dCS, dMc;
   Tensor det;  // gradient of e~ (factored runs, Eq. 5.12)
-  Tensor de, dalpha, dmom;  // gate gradients [G, n, Dg] of token-loop runs (Eq. 5.14)
+  Tensor de, dalpha, dmom;  // gate gradients [G, n, Dg] of token-loop runs (Eq. 5.21)
   std::vector<Tensor> dz0, ds0, danchor, dd, da;
 };
 
@@ -104,7 +104,7 @@ Tensor dual_read_backward(const Forward& f, Acc& g, int l, const Tensor& h, cons
   return dh + (ds * c.C * a.unsqueeze(1)).sum(2);
 }
 
-// Backward of a token-loop read (Eq. 5.14): the loop walks the run in reverse from the end state's
+// Backward of a token-loop read (Eq. 5.21): the loop walks the run in reverse from the end state's
 // gradients gz, gs; returns the gradient of h.
 Tensor loop_read_backward(const MemoryParams& p, const Forward& f, const ChunkInputs& in, Acc& g, int l,
                             const Tensor& du, const Tensor& z0, const Tensor& s0, const Tensor& gz,
@@ -118,6 +118,56 @@ Tensor loop_read_backward(const MemoryParams& p, const Forward& f, const ChunkIn
   g.dalpha += lg.alpha;
   if (g.dmom.defined()) g.dmom += lg.m;
   return lg.h;
+}
+
+// Through the gradients taken at the anchor: deltas and layer inputs back to the anchor weights, k, v and
+// delta (second order, Eq. 9.4), into out's k, v, delta and anchor.
+void anchor_backward(const MemoryParams& p, const Forward& f, const ChunkInputs& in, const ChunkState& start,
+                     Acc& g, ChunkGrads& out) {
+  const Coefficients& c = f.c;
+  const int L = p.num_layers();
+  const bool residual = p.memory == Memory::Mlp && p.residual_norm;
+  std::vector<Tensor> dwb, dpre;
+  for (int l = 0; l < L; ++l) {
+    dwb.push_back(at::zeros_like(f.wb[l]));
+    dpre.push_back(at::zeros_like(f.pre[l]));
+  }
+  for (int l = 1; l < L; ++l) {  // deltas[l-1] = (deltas[l] W_l) s'(pre[l-1]) (Eq. 5.4)
+    const Tensor dw = g.dd[l - 1] * f.pre_grad[l - 1];
+    dpre[l - 1] += g.dd[l - 1] * f.back[l - 1] * activation_grad2(p, f.pre[l - 1]);
+    g.dd[l] += at::matmul(dw, f.wb[l].transpose(-1, -2));
+    dwb[l] += at::matmul(f.deltas[l].transpose(-1, -2), dw);
+  }
+  Tensor dg = g.dd[L - 1];
+  if (residual) {
+    const LayerNormBackwardGrads lg = layer_norm_backward_backward(p, f.pre.back(), f.g, dg);
+    dg = lg.g;
+    dpre[L - 1] += lg.u;
+  }
+  const BiasGrads bg = bias_backward(p, dg, f.y, in.v, in.delta);
+  Tensor dk = at::zeros_like(in.k);
+  if (residual) {
+    dk += bg.y;
+    dpre[L - 1] += layer_norm_backward(p, f.pre.back(), bg.y);
+  } else {
+    dpre[L - 1] += bg.y;
+  }
+  for (int l = L - 1; l >= 0; --l) {
+    Tensor dul = dpre[l];
+    if (p.grad_at_retained) {  // u = (a W^T) A (Eq. 5.2)
+      g.dA += channel_reduce(dul * at::matmul(f.acts[l], f.wb[l].transpose(-1, -2)), f.Dg);
+      dul = dul * c.alpha.cum;
+    }
+    dwb[l] += at::matmul(dul.transpose(-1, -2), f.acts[l]);
+    g.da[l] += at::matmul(dul, f.wb[l]);
+    if (l > 0) dpre[l - 1] += g.da[l] * f.pre_grad[l - 1];
+  }
+  dk += g.da[0];
+
+  for (int l = 0; l < L; ++l) out.state.anchor.push_back(g.danchor[l] + link_backward(p, start.anchor[l], dwb[l]));
+  out.k = dk;
+  out.v = bg.v;
+  out.delta = bg.delta;
 }
 
 }  // namespace
@@ -210,7 +260,7 @@ ChunkGrads chunk_backward(const MemoryParams& p, const ChunkInputs& in, const Ch
 
   // The read, last layer first.
   Tensor dx = residual ? grad_o.clone() : at::zeros_like(f.x);
-  Tensor du = residual ? layer_norm_backward(f.rpre.back(), grad_o) : grad_o;
+  Tensor du = residual ? layer_norm_backward(p, f.rpre.back(), grad_o) : grad_o;
   for (int l = L - 1; l >= 0; --l) {
     const Tensor s0 = p.momentum() ? start.momentum[l] : Tensor();
     const auto given = [l](const std::vector<Tensor>& v) { return size_t(l) < v.size() ? v[l] : Tensor(); };
@@ -225,47 +275,19 @@ ChunkGrads chunk_backward(const MemoryParams& p, const ChunkInputs& in, const Ch
     }
   }
 
-  // Through the gradients taken at the anchor: deltas and layer inputs back to the anchor weights, k, v
-  // and delta (second order, Eq. 9.4).
-  std::vector<Tensor> dwb, dpre;
-  for (int l = 0; l < L; ++l) {
-    dwb.push_back(at::zeros_like(f.wb[l]));
-    dpre.push_back(at::zeros_like(f.pre[l]));
-  }
-  for (int l = 1; l < L; ++l) {  // deltas[l-1] = (deltas[l] W_l) s'(pre[l-1]) (Eq. 5.4)
-    const Tensor dw = g.dd[l - 1] * f.pre_grad[l - 1];
-    dpre[l - 1] += g.dd[l - 1] * f.back[l - 1] * activation_grad2(p, f.pre[l - 1]);
-    g.dd[l] += at::matmul(dw, f.wb[l].transpose(-1, -2));
-    dwb[l] += at::matmul(f.deltas[l].transpose(-1, -2), dw);
-  }
-  Tensor dg = g.dd[L - 1];
-  if (residual) {
-    const LayerNormBackwardGrads lg = layer_norm_backward_backward(f.pre.back(), f.g, dg);
-    dg = lg.g;
-    dpre[L - 1] += lg.u;
-  }
-  const BiasGrads bg = bias_backward(p, dg, f.y, in.v, in.delta);
-  Tensor dk = at::zeros_like(in.k);
-  if (residual) {
-    dk += bg.y;
-    dpre[L - 1] += layer_norm_backward(f.pre.back(), bg.y);
-  } else {
-    dpre[L - 1] += bg.y;
-  }
-  for (int l = L - 1; l >= 0; --l) {
-    Tensor dul = dpre[l];
-    if (p.grad_at_retained) {  // u = (a W^T) A (Eq. 5.2)
-      g.dA += channel_reduce(dul * at::matmul(f.acts[l], f.wb[l].transpose(-1, -2)), f.Dg);
-      dul = dul * c.alpha.cum;
-    }
-    dwb[l] += at::matmul(dul.transpose(-1, -2), f.acts[l]);
-    g.da[l] += at::matmul(dul, f.wb[l]);
-    if (l > 0) dpre[l - 1] += g.da[l] * f.pre_grad[l - 1];
-  }
-  dk += g.da[0];
-
   ChunkGrads out;
-  for (int l = 0; l < L; ++l) out.state.anchor.push_back(g.danchor[l] + link_backward(p, start.anchor[l], dwb[l]));
+  DeltaSolveGrads exact;
+  if (p.exact_chunks()) {  // through the residuals' triangular solve (Eqs. 5.18-5.19)
+    exact = delta_residuals_backward(p, c, f.exact, in.k, start.memory[0], g.dd[0]);
+    out.k = exact.k + g.da[0];
+    out.v = exact.v;
+    out.state.anchor = g.danchor;
+    g.dz0[0] += exact.z0;
+    g.dA += exact.cum;
+    if (c.factored) g.det += exact.et;
+  } else {
+    anchor_backward(p, f, in, start, g, out);
+  }
   out.state.memory = g.dz0;
   out.state.momentum = g.ds0;
 
@@ -297,6 +319,10 @@ ChunkGrads chunk_backward(const MemoryParams& p, const ChunkInputs& in, const Ch
   } else {
     de = (g.dC * c.alpha.D).sum(1);
     dDa = g.dC * e_cols;
+    if (p.exact_chunks()) {
+      de = de + exact.lr;
+      dDa = dDa + exact.D;
+    }
   }
   if (!c.factored && !uses_token_loop(p)) {
     if (in.alpha.defined()) out.alpha = decay_backward(c.alpha, dDa, g.dA);
@@ -310,9 +336,6 @@ ChunkGrads chunk_backward(const MemoryParams& p, const ChunkInputs& in, const Ch
   out.alpha = shaped(out.alpha, in.alpha);
   out.momentum = shaped(out.momentum, in.momentum);
   out.q = dx * p.scale;
-  out.k = dk;
-  out.v = bg.v;
-  out.delta = bg.delta;
   return out;
 }
 

@@ -5,8 +5,6 @@ namespace miras::chunk {
 
 namespace {
 
-Tensor as_channels(const Tensor& g) { return !g.defined() || g.dim() == 3 ? g : g.unsqueeze(-1); }
-
 // The dual-form read of weight tensor l at inputs h (Eq. 5.10), never forming W_t. Factored runs keep the
 // products their backward needs in f.rdots / f.rv.
 Tensor dual_read(Forward& f, int l, const Tensor& h, const Tensor& z0, const Tensor& s0) {
@@ -37,6 +35,34 @@ Tensor dual_read(Forward& f, int l, const Tensor& h, const Tensor& z0, const Ten
   return u - at::matmul(s, d);
 }
 
+// The gradients at the anchor as rank-one factors (Eqs. 5.1-5.5).
+void anchor_pass(const MemoryParams& p, Forward& f, const ChunkInputs& in, const ChunkState& start) {
+  const int L = p.num_layers();
+  const bool residual = p.memory == Memory::Mlp && p.residual_norm;
+  for (const Tensor& z : start.anchor) f.wb.push_back(link(p, z));
+  Tensor h = in.k;
+  for (int l = 0; l < L; ++l) {
+    f.acts.push_back(h);
+    Tensor u = at::matmul(h, f.wb[l].transpose(-1, -2));
+    if (p.grad_at_retained) u = u * f.c.alpha.cum;  // Eq. 5.2
+    f.pre.push_back(u);
+    if (l < L - 1) h = activation(p, u);
+  }
+  f.y = residual ? in.k + layer_norm(p, f.pre.back()) : f.pre.back();
+  f.g = bias_output_grad(p, f.y, in.v, in.delta);
+  f.deltas.assign(L, Tensor());
+  f.pre_grad.assign(L - 1, Tensor());
+  f.back.assign(L - 1, Tensor());
+  Tensor d = residual ? layer_norm_backward(p, f.pre.back(), f.g) : f.g;
+  f.deltas[L - 1] = d;
+  for (int l = L - 1; l > 0; --l) {  // Eq. 5.4
+    f.back[l - 1] = at::matmul(d, f.wb[l]);
+    f.pre_grad[l - 1] = activation_grad(p, f.pre[l - 1]);
+    d = f.back[l - 1] * f.pre_grad[l - 1];
+    f.deltas[l - 1] = d;
+  }
+}
+
 }  // namespace
 
 LoopInputs loop_inputs(const Forward& f, const ChunkInputs& in, int l, const Tensor& z0, const Tensor& s0) {
@@ -50,42 +76,26 @@ Forward run_forward(const MemoryParams& p, const ChunkInputs& in, const ChunkSta
   const Tensor lr = as_channels(in.lr);
   f.Dg = lr.size(-1);
   for (int l = 0; l < L; ++l) f.side.push_back(gate_side(p, l, p.per_channel));
-  if (uses_token_loop(p)) {  // the token loop (Eq. 5.13) takes the gates as they are
+  if (uses_token_loop(p)) {  // the token loop (Eq. 5.20) takes the gates as they are
     f.c.e = lr;
   } else {
     f.c = coefficients(p, lr, as_channels(in.alpha), as_channels(in.momentum));
   }
   const bool residual = p.memory == Memory::Mlp && p.residual_norm;
 
-  // Gradients at the anchor (Eqs. 5.1-5.5).
-  for (const Tensor& z : start.anchor) f.wb.push_back(link(p, z));
-  Tensor h = in.k;
-  for (int l = 0; l < L; ++l) {
-    f.acts.push_back(h);
-    Tensor u = at::matmul(h, f.wb[l].transpose(-1, -2));
-    if (p.grad_at_retained) u = u * f.c.alpha.cum;  // Eq. 5.2
-    f.pre.push_back(u);
-    if (l < L - 1) h = activation(p, u);
-  }
-  f.y = residual ? in.k + layer_norm(f.pre.back()) : f.pre.back();
-  f.g = bias_output_grad(p, f.y, in.v, in.delta);
-  f.deltas.assign(L, Tensor());
-  f.pre_grad.assign(L - 1, Tensor());
-  f.back.assign(L - 1, Tensor());
-  Tensor d = residual ? layer_norm_backward(f.pre.back(), f.g) : f.g;
-  f.deltas[L - 1] = d;
-  for (int l = L - 1; l > 0; --l) {  // Eq. 5.4
-    f.back[l - 1] = at::matmul(d, f.wb[l]);
-    f.pre_grad[l - 1] = activation_grad(p, f.pre[l - 1]);
-    d = f.back[l - 1] * f.pre_grad[l - 1];
-    f.deltas[l - 1] = d;
+  if (p.exact_chunks()) {  // the delta rule's exact gradients G_t = r_t k_t^T (Eqs. 5.13-5.16)
+    f.exact = delta_residuals(p, f.c, in.k, in.v, start.memory[0]);
+    f.acts = {in.k};
+    f.deltas = {f.exact.r};
+  } else {
+    anchor_pass(p, f, in, start);
   }
 
-  // The read (Eq. 4.3): dual form for W = Z without momentum, else the token loop (Eq. 5.13).
+  // The read (Eq. 4.3): dual form for W = Z without momentum, else the token loop (Eq. 5.20).
   f.x = in.q * p.scale;
   f.rdots.assign(L, Tensor());
   f.rv.assign(L, Tensor());
-  h = f.x;
+  Tensor h = f.x;
   for (int l = 0; l < L; ++l) {
     f.rin.push_back(h);
     const Tensor s0 = p.momentum() ? start.momentum[l] : Tensor();
@@ -101,7 +111,7 @@ Forward run_forward(const MemoryParams& p, const ChunkInputs& in, const ChunkSta
     f.rpre.push_back(u);
     if (l < L - 1) h = activation(p, u);
   }
-  f.o = residual ? f.x + layer_norm(f.rpre.back()) : f.rpre.back();
+  f.o = residual ? f.x + layer_norm(p, f.rpre.back()) : f.rpre.back();
   return f;
 }
 

@@ -11,14 +11,13 @@ namespace miras::chunk {
 
 namespace {
 
-// LayerNorm epsilon of the residual read-out (Eq. 1.4).
-constexpr double kLnEps = 1e-5;
-
 Tensor tril_mask(int64_t n, int64_t diagonal, const Tensor& like) {
   return at::ones({n, n}, like.options().dtype(at::kBool)).tril(diagonal).unsqueeze(-1);
 }
 
 }  // namespace
+
+Tensor as_channels(const Tensor& g) { return !g.defined() || g.dim() == 3 ? g : g.unsqueeze(-1); }
 
 Decay decay(const Tensor& g) {
   const int64_t n = g.size(1);
@@ -118,7 +117,7 @@ Tensor link(const MemoryParams& p, const Tensor& z) {
       return z;
     case Retention::Lq: {
       const double q = p.norm_order;
-      const Tensor total = z.abs().pow(q).sum({-2, -1}, true) + kNormEps;
+      const Tensor total = z.abs().pow(q).sum({-2, -1}, true) + p.norm_floor;
       return z * total.pow(-(q - 2.0) / q);
     }
     case Retention::Kl: {
@@ -140,7 +139,7 @@ Tensor link_backward(const MemoryParams& p, const Tensor& z, const Tensor& grad_
       return grad_w;
     case Retention::Lq: {
       const double q = p.norm_order, gamma = (q - 2.0) / q;
-      const Tensor total = z.abs().pow(q).sum({-2, -1}, true) + kNormEps;
+      const Tensor total = z.abs().pow(q).sum({-2, -1}, true) + p.norm_floor;
       const Tensor inner = (grad_w * z).sum({-2, -1}, true);
       return grad_w * total.pow(-gamma) - gamma * q * total.pow(-gamma - 1.0) * inner * z.abs().pow(q - 2.0) * z;
     }
@@ -185,31 +184,33 @@ struct Normalised {
   Tensor xhat, rstd;
 };
 
-Normalised normalise(const Tensor& u) {
+Normalised normalise(const MemoryParams& p, const Tensor& u) {
   const Tensor mu = u.mean(-1, true);
-  const Tensor rstd = at::rsqrt((u - mu).pow(2).mean(-1, true) + kLnEps);
+  const Tensor rstd = at::rsqrt((u - mu).pow(2).mean(-1, true) + p.ln_eps);
   return {(u - mu) * rstd, rstd};
 }
 
 }  // namespace
 
-Tensor layer_norm(const Tensor& u) { return normalise(u).xhat; }
+Tensor layer_norm(const MemoryParams& p, const Tensor& u) { return normalise(p, u).xhat; }
 
-Tensor layer_norm_backward(const Tensor& u, const Tensor& g) {
-  const auto [xhat, rstd] = normalise(u);
+Tensor layer_norm_backward(const MemoryParams& p, const Tensor& u, const Tensor& g) {
+  const auto [xhat, rstd] = normalise(p, u);
   return rstd * (g - g.mean(-1, true) - xhat * (g * xhat).mean(-1, true));
 }
 
-LayerNormBackwardGrads layer_norm_backward_backward(const Tensor& u, const Tensor& g, const Tensor& grad) {
+LayerNormBackwardGrads layer_norm_backward_backward(const MemoryParams& p, const Tensor& u, const Tensor& g,
+                                                   const Tensor& grad) {
   // f = r (g - mean(g) - xhat m), m = mean(g xhat); with a = <grad, g - mean g>, b = <grad, xhat>:
   // df/du^T grad = -(a - m b) r^2 xhat / n - r b dm/du - r m db/du, dm/du = LNb(u, g) / n, db/du = LNb(u, grad).
-  const auto [xhat, rstd] = normalise(u);
+  const auto [xhat, rstd] = normalise(p, u);
   const double n = double(u.size(-1));
   const Tensor a = (grad * (g - g.mean(-1, true))).sum(-1, true);
   const Tensor b = (grad * xhat).sum(-1, true);
   const Tensor m = (g * xhat).mean(-1, true);
-  const Tensor db = layer_norm_backward(u, grad);
-  const Tensor du = -(a - m * b) * rstd * rstd * xhat / n - rstd * b * layer_norm_backward(u, g) / n - rstd * m * db;
+  const Tensor db = layer_norm_backward(p, u, grad);
+  const Tensor du =
+      -(a - m * b) * rstd * rstd * xhat / n - rstd * b * layer_norm_backward(p, u, g) / n - rstd * m * db;
   return {db, du};
 }
 

@@ -14,8 +14,8 @@ namespace miras::chunk {
 
 using at::Tensor;
 
-// Keeps the l_q normaliser of an all-zero state finite (Eq. 3.5).
-constexpr double kNormEps = 1e-12;
+// A gate [G, n] (one per head) or [G, n, Dv] as [G, n, Dg]; undefined stays undefined.
+Tensor as_channels(const Tensor& g);
 
 // Eq. 5.7: D[t, i] = prod_{i < j <= t} g_j (i <= t, else 0) as [G, n, n, Dg], and cum_t = prod_{j <= t} g_j.
 struct Decay {
@@ -26,7 +26,7 @@ Decay decay(const Tensor& g);
 Tensor decay_backward(const Decay& d, const Tensor& dD, const Tensor& dcum);
 
 // Coefficients of one run: C and A (Eq. 5.8); with momentum also P, CS, Mc (Eq. 5.9). Token-loop runs
-// (Eq. 5.13) only use e.
+// (Eq. 5.20) only use e.
 //
 // Without momentum C[t, i] = A_t e_i / A_i, so every sum over i <= t factors into A_t times a masked matrix
 // product of e~_i = e_i / A_i (Eq. 5.12): `factored` runs use that and never form the [n, n, Dg] tensors.
@@ -77,13 +77,14 @@ Tensor activation_grad(const MemoryParams& p, const Tensor& u);   // s'(u)
 Tensor activation_grad2(const MemoryParams& p, const Tensor& u);  // s''(u)
 
 // LayerNorm without affine over the last axis (Eq. 1.4), its backward (Eq. 5.5) and the backward of that
-// (Eq. 9.4).
-Tensor layer_norm(const Tensor& u);
-Tensor layer_norm_backward(const Tensor& u, const Tensor& g);
+// (Eq. 9.4); epsilon p.ln_eps.
+Tensor layer_norm(const MemoryParams& p, const Tensor& u);
+Tensor layer_norm_backward(const MemoryParams& p, const Tensor& u, const Tensor& g);
 struct LayerNormBackwardGrads {
   Tensor g, u;
 };
-LayerNormBackwardGrads layer_norm_backward_backward(const Tensor& u, const Tensor& g, const Tensor& grad);
+LayerNormBackwardGrads layer_norm_backward_backward(const MemoryParams& p, const Tensor& u, const Tensor& g,
+                                                   const Tensor& grad);
 
 // The attentional bias row by row (common/bias.h): g = dl/dy (Eqs. 2.9-2.16), and (H u, -H u, dl/ddelta)
 // for the backward (Eqs. 2.17-2.20). delta [G, n] or [G, n, Dv] or undefined.
@@ -93,6 +94,31 @@ struct BiasGrads {
 };
 BiasGrads bias_backward(const MemoryParams& p, const Tensor& grad, const Tensor& y, const Tensor& v,
                         const Tensor& delta);
+
+// The exact chunk of the delta rule (docs/math.md Eqs. 5.13-5.19, cpu/memory/delta_rule.cpp): matrix memory,
+// l2 bias, GD, retention none or l2 in either gradient order (Eqs. 3.1, 3.2), gates per head or per row
+// channel. The run's residuals r_t solve one unit lower-triangular system per channel; with them the run's
+// gradients are G_t = r_t k_t^T and the reads and end state are Eqs. 5.8-5.12 unchanged.
+struct DeltaSolve {
+  Tensor ap;   // A'_t, the decay of Z_0 at token t's gradient point (Eq. 5.14) [G, n, Dg]
+  Tensor dec;  // Dec[t, i] of Eq. 5.14 [G, n, n, Dg] (unfactored runs only)
+  Tensor kk;   // k k^T [G, n, n]
+  Tensor kz;   // k Z_0^T [G, n, Dv]
+  Tensor sys;  // L of Eq. 5.15, strictly lower, [G * Dg, n, n]
+  Tensor r;    // the residuals [G, n, Dv] (Eq. 5.16)
+};
+
+// k [G, n, Dk], v [G, n, Dv], z0 the run's start memory [G, Dv, Dk]; c the run's coefficients.
+DeltaSolve delta_residuals(const MemoryParams& p, const Coefficients& c, const Tensor& k, const Tensor& v,
+                           const Tensor& z0);
+
+// The backward of delta_residuals for an upstream gradient dr of the residuals (Eqs. 5.18-5.19), with the
+// gate gradients in the run's coefficients: A (cum) always, e~ for factored runs, D^alpha and eta otherwise.
+struct DeltaSolveGrads {
+  Tensor k, v, z0, cum, et, D, lr;
+};
+DeltaSolveGrads delta_residuals_backward(const MemoryParams& p, const Coefficients& c, const DeltaSolve& s,
+                                         const Tensor& k, const Tensor& z0, const Tensor& dr);
 
 // Everything the forward of a run computes; the backward recomputes it from the run's start state.
 struct Forward {
@@ -104,20 +130,21 @@ struct Forward {
   std::vector<Tensor> acts, pre, deltas;  // anchor pass: layer inputs, pre-activations, Eq. 5.3-5.4 deltas
   std::vector<Tensor> pre_grad, back;     // s'(pre[l]) and deltas[l + 1] W_{l+1}, for l < L - 1 (Eq. 5.4)
   Tensor y, g;                            // anchor prediction and bias gradient
+  DeltaSolve exact;                       // the exact delta rule's residuals (MemoryParams::exact_chunks)
   std::vector<Tensor> rin, rpre;          // read pass: layer inputs and pre-activations
   std::vector<Tensor> rdots, rv;          // factored dual reads: masked n x n products, and rows' u / A
-  std::vector<Tensor> zend, send;         // end states of token-loop runs (Eq. 5.13)
+  std::vector<Tensor> zend, send;         // end states of token-loop runs (Eq. 5.20)
   Tensor o;
 };
 Forward run_forward(const MemoryParams& p, const ChunkInputs& in, const ChunkState& start);
 
-// Runs whose read takes the token loop (Eq. 5.13): every nonlinear link, and momentum, whose coefficients
+// Runs whose read takes the token loop (Eq. 5.20): every nonlinear link, and momentum, whose coefficients
 // (Eq. 5.9) do not factor; grad_at_retained (Eq. 5.2, l2 only) keeps the chunk form.
 inline bool uses_token_loop(const MemoryParams& p) {
   return p.linked() || (p.momentum() && !p.grad_at_retained);
 }
 
-// The token loop's inputs for layer l of a run (Eq. 5.13): its factors, gates and read inputs.
+// The token loop's inputs for layer l of a run (Eq. 5.20): its factors, gates and read inputs.
 LoopInputs loop_inputs(const Forward& f, const ChunkInputs& in, int l, const Tensor& z0, const Tensor& s0);
 
 }  // namespace miras::chunk

@@ -1,4 +1,4 @@
-// Token recurrence of one weight tensor (cpu/memory/token_loop.h; docs/math.md Eqs. 5.13-5.14): one
+// Token recurrence of one weight tensor (cpu/memory/token_loop.h; docs/math.md Eqs. 5.20-5.21): one
 // pass over each row of the state per token, the update and the read fused while the row is in cache.
 #include "cpu/memory/token_loop.h"
 
@@ -26,6 +26,7 @@ struct Link {
   T q = 4, g = 0;   // l_q order and exponent (q - 2) / q
   T c = 1;          // KL scale
   T gamma = 0;      // elastic-net shrinkage
+  T floor = 0;      // added to sum |Z|^q (MemorySpec.norm_floor)
 };
 
 template <typename T>
@@ -35,6 +36,7 @@ Link<T> make_link(const MemoryParams& p, int64_t fan_in) {
   lk.g = (lk.q - T(2)) / lk.q;
   lk.c = T(p.simplex_scale > 0 ? p.simplex_scale : std::sqrt(double(fan_in)));
   lk.gamma = T(p.shrinkage);
+  lk.floor = T(p.norm_floor);
   return lk;
 }
 
@@ -209,7 +211,7 @@ constexpr bool stores_w() {
 }
 
 // One token: the state from zp/sp into z/s (the same buffers in the plain forward) and the reads into u [out]:
-// W_t h_t, or for l_q the raw reads Z_t h_t, its normaliser N_t = sum |Z_t|^q + eps returned (0 for the other
+// W_t h_t, or for l_q the raw reads Z_t h_t, its normaliser N_t = sum |Z_t|^q + floor returned (0 for the other
 // links). Elementwise links write W_t into w ([out, in] when w_rows, else a row scratch).
 template <typename T, Retention R, bool Mom, bool Q4>
 T step(const Dims& D, const Link<T>& lk, const Token<T>& k, const T* zp, T* z, const T* sp, T* s, T* w,
@@ -223,7 +225,7 @@ T step(const Dims& D, const Link<T>& lk, const Token<T>& k, const T* zp, T* z, c
     update_row<T, Mom>(D, k, ea, o, zp + off, z + off, Mom ? sp + off : nullptr, Mom ? s + off : nullptr);
     u[o] = read_row<T, R, Q4>(lk, z + off, k.h, w_rows ? w + off : w, D.in, norm);
   }
-  return R == Retention::Lq ? norm + T(kNormEps) : T(0);
+  return R == Retention::Lq ? norm + lk.floor : T(0);
 }
 
 // Contiguous [G, ...] views of the inputs, alpha filled with ones when absent.

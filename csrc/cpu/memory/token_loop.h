@@ -1,5 +1,5 @@
 // The token recurrence of one weight tensor over a run, for the retention links and momentum (docs/math.md
-// Eqs. 5.13-5.14, the CPU form of Eq. 9.6): Z_t (and S_t) by Eqs. 4.1-4.2 from the run's anchor factors
+// Eqs. 5.20-5.21, the CPU form of Eq. 9.6): Z_t (and S_t) by Eqs. 4.1-4.2 from the run's anchor factors
 // (Eq. 5.3), and the read (Eq. 4.3) at W_t = phi(Z_t) (Eqs. 3.5-3.8), in plain loops over the state that
 // never form an [n, |W|] tensor in the forward. The link's statistics (l_q's norm, KL's row normaliser)
 // come from the same pass.

@@ -63,15 +63,13 @@ __device__ __forceinline__ A act_grad2(bool gelu, A u) {
 // ---------------------------------------------------------------------------------------------------------
 // Row operations of one token, by one whole warp (lanes stride over the n entries).
 
-constexpr double kLnEps = 1e-5;  // LayerNorm epsilon of the residual read-out (Eq. 1.4)
-
 template <typename A>
 struct RowNorm {
   A mean, rstd;
 };
 
 template <typename A>
-__device__ RowNorm<A> row_norm(const A* u, int n) {
+__device__ RowNorm<A> row_norm(const A* u, int n, A eps) {  // eps: MemorySpec.ln_eps (Eq. 1.4)
   using std::sqrt;
   const int lane = threadIdx.x % kWarp;
   A s = 0;
@@ -80,20 +78,20 @@ __device__ RowNorm<A> row_norm(const A* u, int n) {
   A v = 0;
   for (int j = lane; j < n; j += kWarp) v += (u[j] - mean) * (u[j] - mean);
   v = warp_sum(v) / A(n);
-  return {mean, A(1) / sqrt(v + A(kLnEps))};
+  return {mean, A(1) / sqrt(v + eps)};
 }
 
 // out = base + LN(u) (base may be null: out = LN(u)); out may alias base, not u.
 template <typename A>
-__device__ void row_layer_norm(const A* u, const A* base, A* out, int n) {
-  const RowNorm<A> st = row_norm(u, n);
+__device__ void row_layer_norm(const A* u, const A* base, A* out, int n, A eps) {
+  const RowNorm<A> st = row_norm(u, n, eps);
   for (int j = threadIdx.x % kWarp; j < n; j += kWarp) out[j] = (base ? base[j] : A(0)) + (u[j] - st.mean) * st.rstd;
 }
 
 // out (+)= dLN(u)/du^T g (Eq. 5.5); out must not alias u or g.
 template <typename A>
-__device__ void row_layer_norm_backward(const A* u, const A* g, A* out, int n, bool accumulate) {
-  const RowNorm<A> st = row_norm(u, n);
+__device__ void row_layer_norm_backward(const A* u, const A* g, A* out, int n, A eps, bool accumulate) {
+  const RowNorm<A> st = row_norm(u, n, eps);
   const int lane = threadIdx.x % kWarp;
   A sg = 0, sgx = 0;
   for (int j = lane; j < n; j += kWarp) {
@@ -110,8 +108,9 @@ __device__ void row_layer_norm_backward(const A* u, const A* g, A* out, int n, b
 // The backward of f(u, g) = dLN(u)/du^T g for an upstream `grad` (Eq. 9.4): dg = f(u, grad) and du, both
 // written (du accumulated).
 template <typename A>
-__device__ void row_layer_norm_double_backward(const A* u, const A* g, const A* grad, A* dg, A* du, int n) {
-  const RowNorm<A> st = row_norm(u, n);
+__device__ void row_layer_norm_double_backward(const A* u, const A* g, const A* grad, A* dg, A* du, int n,
+                                               A eps) {
+  const RowNorm<A> st = row_norm(u, n, eps);
   const int lane = threadIdx.x % kWarp;
   A s_g = 0, s_grad = 0, s_gx = 0, s_gradx = 0, s_gradg = 0;
   for (int j = lane; j < n; j += kWarp) {

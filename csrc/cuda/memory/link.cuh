@@ -11,7 +11,6 @@
 
 namespace miras::cuda {
 
-constexpr double kNormEps = 1e-12;  // keeps the l_q normaliser of an all-zero state finite (Eq. 3.5)
 
 template <typename A>
 struct LinkStats {
@@ -32,7 +31,7 @@ __device__ LinkStats<A> link_stats(const KernelSpec& sp, const A* z, int out, in
     const A q = A(sp.norm_order), gamma = (q - A(2)) / q;
     A part = 0;
     for (int64_t e = threadIdx.x; e < int64_t(out) * in; e += blockDim.x) part += pow(std::abs(z[e]), q);
-    const A total = block_sum(part) + A(kNormEps);
+    const A total = block_sum(part) + A(sp.norm_floor);
     st.s = pow(total, -gamma);
     st.coef = gamma * q * pow(total, -gamma - A(1));
   } else if (sp.link == Link::kl) {

@@ -21,16 +21,18 @@ struct KernelSpec {
   int32_t dims[kMaxLayers + 1] = {};    // layer l maps dims[l] -> dims[l + 1]; dims[0] = Dk, dims[layers] = Dv
   int32_t gelu = 1;                     // activation: GELU (1) or SiLU (0)
   int32_t residual = 0;                 // o = x + LN(u_L) (Eq. 1.4)
+  double ln_eps = 1e-5;                 // that LayerNorm's epsilon
   Bias bias = Bias::l2;
   DeltaLayout delta_layout = DeltaLayout::none;
   double p = 2, eps = 1e-6;             // bias options
   Link link = Link::identity;
-  double norm_order = 4, shrinkage = 1e-3;
+  double norm_order = 4, norm_floor = 1e-12, shrinkage = 1e-3;
   double simplex_scale = -1;            // < 0: sqrt(fan_in) of each weight tensor
   int32_t has_alpha = 0;                // retention gate given (absent: alpha = 1)
   int32_t momentum = 0;                 // algorithm "momentum"
   int32_t per_channel = 0;              // gates [.., Dv] rather than one per head
   int32_t retained = 0;                 // grad_at_retained (Eq. 5.2)
+  int32_t exact = 0;                    // the delta rule exactly: gradients at the previous state (Eq. 5.13)
   double scale = 1;                     // multiplies q (Eq. 4.3)
 
   MIRAS_HD int64_t size(int l) const { return int64_t(dims[l]) * dims[l + 1]; }
@@ -103,7 +105,8 @@ MIRAS_HD Workspace workspace_layout(const KernelSpec& s, int64_t n, bool backwar
   w.rows = take(2 * outs);
   w.dual = take(n * (2 * outs + 2 * ins) + int64_t(s.layers) * n * n);
   const int64_t wide = n * (n > s.widest() ? n : s.widest());
-  w.scratch = take((wide > W ? wide : W) + wide + W);
+  // The exact delta rule's chunk products (n x n from [n, widest] operands) need n * widest more.
+  w.scratch = take((wide > W ? wide : W) + wide + W + (s.exact ? n * s.widest() : 0));
   if (backward) {
     w.states = take(n * W * (s.momentum ? 2 : 1));
     w.dwb = take(W);

@@ -8,6 +8,7 @@
 // contiguous; gates and delta are converted to contiguous tensors in the accumulation dtype (float64 for
 // float64 q, else float32), as are the states [N*H, *shape] that the kernels update in place.
 #include <ATen/ATen.h>
+#include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -86,12 +87,15 @@ KernelSpec kernel_spec(const Problem& P, const std::optional<at::Tensor>& delta)
   s.eps = mp.eps;
   s.link = link_of(mp.retention);
   s.norm_order = mp.norm_order;
+  s.norm_floor = mp.norm_floor;
+  s.ln_eps = mp.ln_eps;
   s.shrinkage = mp.shrinkage;
   s.simplex_scale = mp.simplex_scale;  // < 0: the kernels use sqrt(fan_in)
   s.has_alpha = mp.retention != Retention::None;
   s.momentum = mp.momentum();
   s.per_channel = mp.per_channel;
   s.retained = mp.grad_at_retained;
+  s.exact = mp.exact_chunks();
   s.scale = mp.scale;
   return s;
 }
@@ -111,6 +115,23 @@ struct Call {
   Checkpoints ck;                             // flattened [S_max*H, *shape]; empty: none
   bool launch = false;                        // some block has a run
 };
+
+// Device memory the workspace allocation can get: what the driver reports free plus what torch's caching
+// allocator holds unused (reserved minus allocated), which it releases and retries with when a cudaMalloc
+// fails. cudaMemGetInfo alone misses the latter, so in a warm process (a benchmark, a training loop) the
+// grid shrank to a few blocks. An allocator backend without these statistics counts as holding nothing.
+int64_t available_device_bytes() {
+  size_t free_bytes = 0, total_bytes = 0;
+  C10_CUDA_CHECK(cudaMemGetInfo(&free_bytes, &total_bytes));
+  int64_t cached = 0;
+  try {
+    const auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats(c10::cuda::current_device());
+    constexpr auto all = static_cast<size_t>(c10::CachingAllocator::StatType::AGGREGATE);
+    cached = std::max<int64_t>(0, stats.reserved_bytes[all].current - stats.allocated_bytes[all].current);
+  } catch (const c10::Error&) {
+  }
+  return int64_t(free_bytes) + cached;
+}
 
 // runs (3 int64 each), seq_begin, batch: one pinned host buffer, one asynchronous copy.
 at::Tensor upload_schedule(const Schedule& s, at::Device device) {
@@ -151,15 +172,13 @@ Call prepare(const Problem& P, const at::Tensor& q, const at::Tensor& k, const a
     const int64_t total = cuda::workspace_layout(c.spec, c.schedule.max_len, backward).total;
     // Two waves of one block per multiprocessor (the kernels' register use allows one): enough to balance
     // uneven sequences, while the workspace stays bounded whatever N * H is; and no more workspaces than
-    // half the free device memory holds (a backward keeps n |W| floats per block, 67 MB for an MLP of
+    // half the available device memory holds (a backward keeps n |W| floats per block, 67 MB for an MLP of
     // head dim 128 with momentum at chunk 64). ATen/cuda/CUDAContext.h would need the CUDA math libraries'
     // headers, which the build does not have: the runtime answers directly.
     int sms = 0;
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, c10::cuda::current_device()));
-    size_t free_bytes = 0, total_bytes = 0;
-    C10_CUDA_CHECK(cudaMemGetInfo(&free_bytes, &total_bytes));
     const int64_t block_bytes = std::max<int64_t>(1, total * int64_t(c10::elementSize(P.ct)));
-    const int64_t fit = std::max<int64_t>(1, int64_t(free_bytes / 2) / block_bytes);
+    const int64_t fit = std::max<int64_t>(1, available_device_bytes() / 2 / block_bytes);
     c.grid = std::min({P.N * P.H, 2 * int64_t(sms), fit});
     c.work = at::empty({c.grid, total}, P.options());
   }

@@ -5,8 +5,9 @@
 // S_t = m_t S_{t-1} - eta_t G_t, Z_t = alpha_t Z_{t-1} + S_t (the recurrences that Eqs. 5.8-5.9 sum), and
 // each token reads phi(Z_t) exactly (Eqs. 4.3, 5.11). The backward recomputes a run from its checkpoint,
 // keeps Z_t for every token of the run, and walks it in reverse, then differentiates the gradients at the
-// anchor (second order, Eq. 9.4); Eq. 9.6 writes this token recurrence out. State and arithmetic are in A
-// (float, or double for double inputs).
+// anchor (second order, Eq. 9.4); Eq. 9.6 writes this token recurrence out. The exact delta rule
+// (KernelSpec::exact) replaces the anchor's gradients by the exact residuals (Eqs. 5.13-5.19). State and
+// arithmetic are in A (float, or double for double inputs).
 // Launch code lives in memory_launch.inc only, so that the CPU emulator can run these kernels.
 #pragma once
 
@@ -135,13 +136,18 @@ struct MemoryBlock {
   }
 
   // ------------------------------------------------------------------------------------------------------
-  // The gradients at the anchor for the n tokens of a run (Eqs. 5.1-5.5): layer inputs, pre-activations,
-  // prediction y, bias gradient g and the deltas, kept in the workspace.
-  __device__ void anchor_pass(int64_t t0, int n, const A* const wb[]) const {
+  // The keys of the run's tokens, the first layer's inputs of their gradients.
+  __device__ void load_keys(int64_t t0, int n) const {
     for (int p = threadIdx.x; p < n * Dk; p += blockDim.x) {
       acts(p / Dk, 0)[p % Dk] = to_acc(args.k[token(t0 + p / Dk) * Dk + p % Dk]);
     }
     __syncthreads();
+  }
+
+  // The gradients at the anchor for the n tokens of a run (Eqs. 5.1-5.5): layer inputs, pre-activations,
+  // prediction y, bias gradient g and the deltas, kept in the workspace.
+  __device__ void anchor_pass(int64_t t0, int n, const A* const wb[]) const {
+    load_keys(t0, n);
     for (int l = 0; l < L; ++l) {
       const A* w = wb[l];
       const int in = in_of(l), out = out_of(l);
@@ -165,7 +171,7 @@ struct MemoryBlock {
       const int64_t tok = token(t0 + t);
       const A* u = pre(t, L - 1);
       if (sp.residual) {
-        row_layer_norm(u, acts(t, 0), yv(t), Dv);
+        row_layer_norm(u, acts(t, 0), yv(t), Dv, A(sp.ln_eps));
       } else {
         for (int j = threadIdx.x % kWarp; j < Dv; j += kWarp) yv(t)[j] = u[j];
       }
@@ -173,7 +179,7 @@ struct MemoryBlock {
       row_bias_grad(bp, sp.delta_layout, yv(t), args.v + tok * Dv, delta_ptr(tok), gv(t), Dv);
       __syncwarp();
       if (sp.residual) {
-        row_layer_norm_backward(u, gv(t), deltas(t, L - 1), Dv, false);
+        row_layer_norm_backward(u, gv(t), deltas(t, L - 1), Dv, A(sp.ln_eps), false);
       } else {
         for (int j = threadIdx.x % kWarp; j < Dv; j += kWarp) deltas(t, L - 1)[j] = gv(t)[j];
       }
@@ -196,6 +202,65 @@ struct MemoryBlock {
     return args.delta + tok * (sp.delta_layout == DeltaLayout::per_channel ? Dv : 1);
   }
 
+  // The exact delta rule (sp.exact, Eq. 5.13; matrix memory, rows gated): token t's residual at the previous
+  // state z, r_t = alpha'_t (.) (Z_{t-1} k_t) - v_t with alpha'_t = alpha_t for grad_at_retained (else 1), into
+  // deltas(t, 0) in place of the anchor pass's gradient. A warp per row.
+  __device__ A retained_gate(int t, int i) const {
+    return sp.retained ? gate(kAlpha, t)[sp.per_channel ? i : 0] : A(1);
+  }
+  __device__ void exact_residual(int64_t t0, int t, const A* z) const {
+    const int64_t tok = token(t0 + t);
+    const A* k = acts(t, 0);
+    const int lane = threadIdx.x % kWarp;
+    for (int i = threadIdx.x / kWarp; i < Dv; i += kMemoryWarps) {
+      A dot = 0;
+      for (int j = lane; j < Dk; j += kWarp) dot += z[int64_t(i) * Dk + j] * k[j];
+      dot = warp_sum(dot);
+      if (lane == 0) deltas(t, 0)[i] = retained_gate(t, i) * dot - to_acc(args.v[tok * Dv + i]);
+    }
+    __syncthreads();
+  }
+
+  // exact_residual reversed (Eq. 9.6's exact form): dd(t, 0) holds dL/dr_t; adds alpha'_t dr k^T to gz
+  // (dL/dZ_{t-1}), alpha'_t Z_{t-1}^T dr to da(t, 0) and, for grad_at_retained, <dr, Z_{t-1} k_t> to alpha_t's
+  // gradient; writes dv = -dr.
+  __device__ void exact_residual_backward(int64_t t0, int t, const A* z, A* gz) const {
+    const int64_t tok = token(t0 + t);
+    const A* k = acts(t, 0);
+    const A* dr = dd(t, 0);
+    A* dal = dgate(kAlpha, t);
+    const int lane = threadIdx.x % kWarp;
+    A part = 0;
+    for (int i = threadIdx.x / kWarp; i < Dv; i += kMemoryWarps) {
+      const A g = retained_gate(t, i) * dr[i];
+      A dot = 0;
+      for (int j = lane; j < Dk; j += kWarp) {
+        const int64_t x = int64_t(i) * Dk + j;
+        dot += z[x] * k[j];
+        gz[x] += g * k[j];
+      }
+      dot = warp_sum(dot);
+      if (lane == 0) {
+        args.dv[tok * Dv + i] = from_acc<T>(-dr[i]);
+        if (sp.per_channel) {
+          if (sp.retained) dal[i] += dr[i] * dot;
+        } else {
+          part += dr[i] * dot;
+        }
+      }
+    }
+    if (sp.retained && !sp.per_channel) {
+      part = block_sum(part);
+      if (threadIdx.x == 0) dal[0] += part;
+    }
+    for (int j = threadIdx.x; j < Dk; j += blockDim.x) {
+      A s = 0;
+      for (int i = 0; i < Dv; ++i) s += retained_gate(t, i) * z[int64_t(i) * Dk + j] * dr[i];
+      da(t, 0)[j] += s;
+    }
+    __syncthreads();
+  }
+
   // Token t of the token loop: each weight tensor steps from src to dst (which may alias) by Eq. 4.1 or 4.2,
   // and the read (Eq. 4.3) at phi(Z_t) follows in the same pass: a warp updates a row and takes its dot
   // product with the layer's input at once (KL by an online softmax, l_q scaled by its norm afterwards).
@@ -209,6 +274,7 @@ struct MemoryBlock {
     const A* e = gate(kLr, t);
     const A* al = gate(kAlpha, t);
     const A* m = gate(kMom, t);
+    if (sp.exact) exact_residual(t0, t, zsrc[0]);
     for (int j = threadIdx.x; j < Dk; j += blockDim.x) rin(t, 0)[j] = A(sp.scale) * to_acc(args.q[tok * Dk + j]);
     __syncthreads();
     const int lane = threadIdx.x % kWarp;
@@ -263,9 +329,9 @@ struct MemoryBlock {
           if (lane == 0) u[i] = dot;
         }
       }
-      if (sp.link == Link::lq) {  // W = Z (sum |Z|^q + eps)^(-(q - 2) / q) (Eq. 3.5)
+      if (sp.link == Link::lq) {  // W = Z (sum |Z|^q + norm_floor)^(-(q - 2) / q) (Eq. 3.5)
         const A q = A(sp.norm_order);
-        const A scale = pow(block_sum(norm_part) + A(kNormEps), -(q - A(2)) / q);
+        const A scale = pow(block_sum(norm_part) + A(sp.norm_floor), -(q - A(2)) / q);
         for (int i = threadIdx.x; i < out; i += blockDim.x) u[i] *= scale;
       }
       __syncthreads();
@@ -284,7 +350,7 @@ struct MemoryBlock {
     T* o = args.o + token(t0 + t) * Dv;
     const int lane = threadIdx.x % kWarp;
     if (sp.residual) {
-      const RowNorm<A> nrm = row_norm(u, Dv);
+      const RowNorm<A> nrm = row_norm(u, Dv, A(sp.ln_eps));
       for (int j = lane; j < Dv; j += kWarp) o[j] = from_acc<T>(x[j] + (u[j] - nrm.mean) * nrm.rstd);
     } else {
       for (int j = lane; j < Dv; j += kWarp) o[j] = from_acc<T>(u[j]);
@@ -300,7 +366,7 @@ struct MemoryBlock {
     __syncwarp();
     for (int j = lane; j < Dk; j += kWarp) dx[j] = sp.residual ? stage[j] : A(0);  // residual: Dk = Dv
     if (sp.residual) {
-      row_layer_norm_backward(rpre(t, L - 1), stage, du, Dv, false);
+      row_layer_norm_backward(rpre(t, L - 1), stage, du, Dv, A(sp.ln_eps), false);
     } else {
       for (int j = lane; j < Dv; j += kWarp) du[j] = stage[j];
     }
@@ -489,7 +555,8 @@ struct MemoryBlock {
       const int64_t tok = token(t0 + t);
       A* dg = dd(t, L - 1);
       if (sp.residual) {  // dg <- d/dg, dpre += d/du of LN's backward
-        row_layer_norm_double_backward(pre(t, L - 1), gv(t), dd(t, L - 1), tmp(t, L - 1), dpre(t, L - 1), Dv);
+        row_layer_norm_double_backward(pre(t, L - 1), gv(t), dd(t, L - 1), tmp(t, L - 1), dpre(t, L - 1), Dv,
+                                       A(sp.ln_eps));
         dg = tmp(t, L - 1);
         __syncwarp();
       }
@@ -502,7 +569,7 @@ struct MemoryBlock {
                         Dv);
       __syncwarp();
       if (sp.residual) {
-        row_layer_norm_backward(pre(t, L - 1), gy, dpre(t, L - 1), Dv, true);
+        row_layer_norm_backward(pre(t, L - 1), gy, dpre(t, L - 1), Dv, A(sp.ln_eps), true);
       } else {
         for (int j = threadIdx.x % kWarp; j < Dv; j += kWarp) dpre(t, L - 1)[j] += gy[j];
       }
@@ -654,6 +721,105 @@ struct MemoryBlock {
            true);
     }
     scale_by_cum(n - 1, z);
+  }
+
+  // ------------------------------------------------------------------------------------------------------
+  // The exact delta rule on factored runs (sp.exact; docs/math.md Eqs. 5.14-5.19): the residuals r of the run
+  // solve (I + L) r = A' (.) (K Z_0^T) - V with L[t, i] = A'_t (k_t . k_i) e~_i (i < t), by forward
+  // substitution, one thread per column of r (per channel c = that column, or the head's one gate); the
+  // factored read and end state then take deltas = r.
+
+  // A'_t of gate channel c: A_t for grad_at_retained (Eq. 3.2), A_{t-1} otherwise (Eq. 3.1).
+  __device__ A point_decay(int t, int c) const {
+    return sp.retained ? gate(kCum, t)[c] : (t > 0 ? gate(kCum, t - 1)[c] : A(1));
+  }
+
+  // kk = K K^T of the run into f_s(n, 0); exact products (the residuals carry into the state).
+  __device__ A* key_products(int n) const {
+    A* kk = f_s(n, 0);
+    gemm(acts(0, 0), ins, false, acts(0, 0), ins, true, kk, n, n, n, Dk, false, false, true);
+    return kk;
+  }
+
+  __device__ void exact_residuals(int64_t t0, int n, const A* const z0[]) const {
+    const A* kk = key_products(n);
+    gemm(acts(0, 0), ins, false, z0[0], Dk, true, deltas(0, 0), outs, n, Dv, Dk, false, false, true);  // K Z0^T
+    for (int j = threadIdx.x; j < Dv; j += blockDim.x) {
+      const int c = sp.per_channel ? j : 0;
+      for (int t = 0; t < n; ++t) {
+        A s = deltas(t, 0)[j];
+        for (int i = 0; i < t; ++i) s -= kk[t * n + i] * et(i, c) * deltas(i, 0)[j];
+        deltas(t, 0)[j] = point_decay(t, c) * s - to_acc(args.v[token(t0 + t) * Dv + j]);
+      }
+    }
+    __syncthreads();
+  }
+
+  // exact_residuals reversed (Eqs. 5.18-5.19), after factored_backward: dd(t, 0) holds dL/dr. Adds to gz
+  // (dL/dZ_0) and to the gate gradients (d eta and dA_t, after factored_backward's conversion of e~), and
+  // writes dk and dv.
+  __device__ void exact_residuals_backward(int64_t t0, int n, const A* const z0[], A* const gz[]) const {
+    const A* kk = key_products(n);
+    A* kz = yv(0);          // K Z0^T [n, Dv], then e~ (.) r
+    A* dy = tmp(0, 0);      // dL/dY [n, Dv] (row stride outs)
+    A* gdy = dpre(0, 0);    // A' (.) dY
+    A* det = gv(0);         // dL/de~ [n, Dv], then dL/dA'
+    gemm(acts(0, 0), ins, false, z0[0], Dk, true, kz, Dv, n, Dv, Dk, false, false, true);
+    for (int j = threadIdx.x; j < Dv; j += blockDim.x) {
+      const int c = sp.per_channel ? j : 0;
+      for (int t = n - 1; t >= 0; --t) {  // dY = (I + L)^{-T} dR; sum_{i > t} L[i, t] dY_i = e~_t s
+        A s = 0;
+        for (int i = t + 1; i < n; ++i) s += gdy[i * outs + j] * kk[i * n + t];
+        const A d = dd(t, 0)[j] - et(t, c) * s;
+        dy[t * outs + j] = d;
+        gdy[t * outs + j] = point_decay(t, c) * d;
+        det[t * Dv + j] = -deltas(t, 0)[j] * s;  // dL/de~_t = -r_t sum_{i > t} A'_i dY_i (k_i . k_t)
+        args.dv[token(t0 + t) * Dv + j] = from_acc<T>(-d);
+      }
+    }
+    __syncthreads();
+    // d eta_t += de~_t / A_t, dA_t -= de~_t e~_t / A_t (e~ = eta / A, Eq. 5.12).
+    channel_add(n, Dv, kLr, [&](int t, int j) { return det[t * Dv + j] / gate(kCum, t)[sp.per_channel ? j : 0]; });
+    channel_add(n, Dv, kCum, [&](int t, int j) {
+      const int c = sp.per_channel ? j : 0;
+      return -det[t * Dv + j] * et(t, c) / gate(kCum, t)[c];
+    });
+    // dA'_t = dY_t (.) (K Z0^T - sum_{i < t} (k_t . k_i) e~_i r_i)_t.
+    for (int j = threadIdx.x; j < Dv; j += blockDim.x) {
+      const int c = sp.per_channel ? j : 0;
+      for (int t = 0; t < n; ++t) {
+        A s = kz[t * Dv + j];
+        for (int i = 0; i < t; ++i) s -= kk[t * n + i] * et(i, c) * deltas(i, 0)[j];
+        det[t * Dv + j] = dy[t * outs + j] * s;
+      }
+    }
+    __syncthreads();
+    // A'_t is A_t (retained) or A_{t-1}: its gradient joins dA one token earlier for Eq. 3.1.
+    if (sp.retained) {
+      channel_add(n, Dv, kCum, [&](int t, int j) { return det[t * Dv + j]; });
+    } else {
+      channel_add(n, Dv, kCum, [&](int t, int j) { return t + 1 < n ? det[(t + 1) * Dv + j] : A(0); });
+    }
+    gemm(gdy, outs, true, acts(0, 0), ins, false, gz[0], Dk, Dv, Dk, n, true, false, true);  // dZ0 += (A' dY)^T K
+    gemm(gdy, outs, false, z0[0], Dk, false, da(0, 0), ins, n, Dk, Dv, true, false, true);   // dk += (A' dY) Z0
+    // dKK = -strictly_lower((A' dY)(e~ r)^T); dk += (dKK + dKK^T) K.
+    for (int p = threadIdx.x; p < n * Dv; p += blockDim.x) {
+      kz[p] = et(p / Dv, sp.per_channel ? p % Dv : 0) * deltas(p / Dv, 0)[p % Dv];
+    }
+    __syncthreads();
+    A* dkk = ws + lay.dual_bwd + 6 * int64_t(n) * sp.widest();
+    gemm(gdy, outs, false, kz, Dv, true, dkk, n, n, n, Dv, false, true, true);
+    A* sym = f_s(n, 0);  // kk is no longer needed
+    for (int p = threadIdx.x; p < n * n; p += blockDim.x) {
+      const int t = p / n, i = p % n;
+      sym[p] = t > i ? dkk[p] : (t < i ? dkk[i * n + t] : A(0));
+    }
+    __syncthreads();
+    gemm(sym, n, false, acts(0, 0), ins, false, da(0, 0), ins, n, Dk, n, true, false, true);
+    for (int p = threadIdx.x; p < n * Dk; p += blockDim.x) {
+      args.dk[token(t0 + p / Dk) * Dk + p % Dk] = from_acc<T>(da(p / Dk, 0)[p % Dk]);
+    }
+    __syncthreads();
   }
 
   // Per-token channel sums: dst(t)[c] += f(t, x) over x < width, with c = x per channel (width = Dg), else 0.
@@ -814,7 +980,13 @@ struct MemoryBlock {
       if (sp.momentum) states_at(t - 1, s0, true, sp_);
       read_backward(t0, t, zt, gz);
       update_backward(t, zp, sp_, gz, gs);
+      if (sp.exact) exact_residual_backward(t0, t, zp[0], gz[0]);
     }
+    if (!sp.exact) return;
+    for (int p = threadIdx.x; p < n * Dk; p += blockDim.x) {
+      args.dk[token(t0 + p / Dk) * Dk + p % Dk] = from_acc<T>(da(p / Dk, 0)[p % Dk]);
+    }
+    __syncthreads();
   }
 };
 
@@ -847,10 +1019,15 @@ __device__ void forward_item(const MemoryArgs<T, A>& args, int64_t item) {
     }
     __syncthreads();
     blk.load_gates(run.token0, n);
-    const A* wb[kMaxLayers];
-    blk.anchor_weights(anc, wb);
-    blk.anchor_pass(run.token0, n, wb);
+    if (sp.exact) {  // the exact delta rule: no anchor pass (Eqs. 5.13-5.16)
+      blk.load_keys(run.token0, n);
+    } else {
+      const A* wb[kMaxLayers];
+      blk.anchor_weights(anc, wb);
+      blk.anchor_pass(run.token0, n, wb);
+    }
     if (blk.factored_run(n)) {
+      if (sp.exact) blk.exact_residuals(run.token0, n, mem);
       blk.factored_read(run.token0, n, mem, true);
       blk.factored_end(n, mem);
     } else {
@@ -885,16 +1062,28 @@ __device__ void backward_item(const MemoryArgs<T, A>& args, int64_t item) {
     blk.load_gates(run.token0, n);
     for (int p = threadIdx.x; p < 4 * blk.max_run() * blk.Dg; p += blockDim.x) blk.ws[blk.lay.dgates + p] = 0;
     const A* wb[kMaxLayers];
-    blk.anchor_weights(anc, wb);
-    blk.anchor_pass(run.token0, n, wb);
-    if (blk.factored_run(n)) {
-      blk.factored_read(run.token0, n, z0, false);
-      blk.factored_backward(run.token0, n, z0, gmem);
-    } else {
-      blk.token_backward(run.token0, n, z0, s0, gmem, gmom);
-    }
     A* dwb = blk.ws + blk.lay.dwb;
-    blk.anchor_backward(run.token0, n, wb, dwb);
+    if (sp.exact) {  // no anchor pass; dk and dv come from the exact residuals' backward (Eqs. 5.13-5.19)
+      blk.load_keys(run.token0, n);
+      if (blk.factored_run(n)) {
+        blk.exact_residuals(run.token0, n, z0);
+        blk.factored_read(run.token0, n, z0, false);
+        blk.factored_backward(run.token0, n, z0, gmem);
+        blk.exact_residuals_backward(run.token0, n, z0, gmem);
+      } else {
+        blk.token_backward(run.token0, n, z0, s0, gmem, gmom);
+      }
+    } else {
+      blk.anchor_weights(anc, wb);
+      blk.anchor_pass(run.token0, n, wb);
+      if (blk.factored_run(n)) {
+        blk.factored_read(run.token0, n, z0, false);
+        blk.factored_backward(run.token0, n, z0, gmem);
+      } else {
+        blk.token_backward(run.token0, n, z0, s0, gmem, gmom);
+      }
+      blk.anchor_backward(run.token0, n, wb, dwb);
+    }
     if (sp.retained) {  // the run ended with anchor A_n (Eq. 5.2)
       for (int l = 0; l < L; ++l) {
         const A* g = ganc[l];
@@ -905,7 +1094,7 @@ __device__ void backward_item(const MemoryArgs<T, A>& args, int64_t item) {
       }
       blk.scale_by_cum(n - 1, ganc);
     }
-    for (int l = 0; l < L; ++l) {
+    for (int l = 0; l < L && !sp.exact; ++l) {
       const int in = sp.dims[l], out = sp.dims[l + 1];
       const A* g = dwb + blk.woff[l];
       const LinkStats<A> st = link_stats(sp, anc[l], out, in, blk.rows(l));

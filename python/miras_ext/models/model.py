@@ -72,6 +72,9 @@ class MirasForCausalLM(nn.Module):
                 nn.init.normal_(m.weight, std=std)
                 if getattr(m, "bias", None) is not None:
                     nn.init.zeros_(m.bias)
+        # A second pass: modules() lists a MirasLayer before its gate Linears, so setting the gate biases in
+        # the first pass would be undone by the zeroing above (every gate then started at sigmoid(0)).
+        for m in self.modules():
             if isinstance(m, MirasLayer):
                 m.reset_gates()
 

@@ -222,9 +222,12 @@ def _preset(name: str, defaults: dict, q, k, v, lr, alpha, momentum, delta, kwar
     return memory_forward(q, k, v, spec, lr, alpha, momentum, delta, **call)
 
 
-MONETA = dict(memory="mlp", layers=2, residual_norm=True, bias="lp", p=3.0, retention="lq", norm_order=4.0)
-YAAD = dict(memory="mlp", layers=2, residual_norm=True, bias="yaad", retention="l2")
-MEMORA = dict(memory="mlp", layers=2, residual_norm=True, bias="l2", retention="kl", lag_token=True)
+# ln_eps, norm_floor and Yaad's eps keep the inner recurrence well-conditioned over long sequences
+# (docs/math.md Section 8, point 15).
+MONETA = dict(memory="mlp", layers=2, residual_norm=True, ln_eps=1e-2, bias="lp", p=3.0, retention="lq",
+              norm_order=4.0, norm_floor=1.0)
+YAAD = dict(memory="mlp", layers=2, residual_norm=True, ln_eps=1e-2, bias="yaad", eps=0.1, retention="l2")
+MEMORA = dict(memory="mlp", layers=2, residual_norm=True, ln_eps=1e-2, bias="l2", retention="kl", lag_token=True)
 TITANS = dict(memory="mlp", layers=2, activation="silu", residual_norm=False, bias="l2", retention="l2",
               algorithm="momentum")
 GATED_DELTA = dict(memory="matrix", bias="l2", retention="l2", grad_at_retained=True)
@@ -308,15 +311,15 @@ def titans_forward(q, k, v, lr, alpha, momentum, **kwargs):
 
 def gated_delta_forward(q, k, v, lr, alpha, **kwargs):
     """Gated DeltaNet: matrix memory, the l2 bias, the l2 retention with the gradient at the retained state
-    (Eq. 3.2) (``GATED_DELTA``); lr is beta. The published recurrence is chunk_size=1; b > 1 is the
-    paper's mini-batch approximation.
+    (Eq. 3.2) (``GATED_DELTA``); lr is beta. Every chunk size computes the published recurrence exactly
+    (docs/math.md Eqs. 5.13-5.19); ``minibatch=True`` selects the paper's mini-batch approximation (Eq. 5.1).
 
     Example:
         >>> import torch, miras_ext
         >>> B, T, H, Dk, Dv = 2, 6, 2, 4, 3
         >>> q, k, v = torch.randn(B, T, H, Dk), torch.randn(B, T, H, Dk), torch.randn(B, T, H, Dv)
         >>> beta, alpha = torch.rand(B, T, H), torch.rand(B, T, H) * 0.5 + 0.5   # [B, T, H]
-        >>> o, state = miras_ext.gated_delta_forward(q, k, v, beta, alpha, chunk_size=1, output_final_state=True)
+        >>> o, state = miras_ext.gated_delta_forward(q, k, v, beta, alpha, chunk_size=4, output_final_state=True)
         >>> o.shape, state.memory[0].shape                                   # [B, T, H, Dv], [N, H, Dv, Dk]
         (torch.Size([2, 6, 2, 3]), torch.Size([2, 2, 3, 4]))
     """
@@ -324,13 +327,14 @@ def gated_delta_forward(q, k, v, lr, alpha, **kwargs):
 
 
 def delta_forward(q, k, v, lr, **kwargs):
-    """DeltaNet: matrix memory, the l2 bias, no retention (``DELTA``); lr is beta. Exact at chunk_size=1.
+    """DeltaNet: matrix memory, the l2 bias, no retention (``DELTA``); lr is beta. Exact at every chunk size
+    (docs/math.md Eqs. 5.13-5.19) unless ``minibatch=True``.
 
     Example:
         >>> import torch, miras_ext
         >>> B, T, H, Dk, Dv = 1, 6, 2, 4, 3
         >>> q, k, v = torch.randn(B, T, H, Dk), torch.randn(B, T, H, Dk), torch.randn(B, T, H, Dv)
-        >>> o, _ = miras_ext.delta_forward(q, k, v, torch.rand(B, T, H), chunk_size=1)   # beta [B, T, H]
+        >>> o, _ = miras_ext.delta_forward(q, k, v, torch.rand(B, T, H), chunk_size=4)   # beta [B, T, H]
         >>> o.shape
         torch.Size([1, 6, 2, 3])
     """

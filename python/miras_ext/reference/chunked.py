@@ -4,7 +4,9 @@ Inside a chunk every token's gradient is taken at one anchor state (Eq. 5.1), wh
 linear function of rank-one gradient factors (Eqs. 5.7-5.9). Reads use the dual form (Eq. 5.10) when the
 weights are the state itself; with a nonlinear retention link (and for vector memory) the state of every
 token is materialised and read exactly (Eq. 5.11). With chunk_size 1 this is the recurrence of
-reference/recurrent.py. Decoding is this function called with T = 1 on the previous final state.
+reference/recurrent.py. The delta rule (MemorySpec.exact_chunks) is computed token by token here, the exact
+recurrence at every chunk size; the compiled op computes it chunk by chunk (Eqs. 5.13-5.19). Decoding is
+this function called with T = 1 on the previous final state.
 """
 
 from __future__ import annotations
@@ -29,6 +31,16 @@ def segments(phase: int, length: int, chunk_size: int, lag_token: bool) -> list[
 
     starts = [0] + [j for j in range(1, length) if boundary(j)]
     return [(s, e, boundary(s)) for s, e in zip(starts, starts[1:] + [length])]
+
+
+def _runs(spec: MemorySpec, phase: int, length: int, chunk_size: int) -> list[tuple[int, int, bool]]:
+    """The runs the reference computes: the chunk schedule's segments (Eq. 5.6), split into single tokens
+    for the exact delta rule (MemorySpec.exact_chunks), each marked fresh only where its segment starts:
+    the anchor still follows the schedule, though nothing reads it."""
+    runs = segments(phase, length, chunk_size, spec.lag_token)
+    if not spec.exact_chunks:
+        return runs
+    return [(t, t + 1, fresh and t == s) for s, e, fresh in runs for t in range(s, e)]
 
 
 def _decay(gate: torch.Tensor | None, like: torch.Tensor, per_channel: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -130,7 +142,7 @@ class _Chunk:
             h = self.dual_linear(i, h)
             if i < len(self.z) - 1:
                 h = activation(spec, h)
-        return x + layer_norm(h) if spec.memory == "mlp" and spec.residual_norm else h
+        return x + layer_norm(spec, h) if spec.memory == "mlp" and spec.residual_norm else h
 
 
 def chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: MemorySpec, lr: torch.Tensor,
@@ -154,12 +166,15 @@ def chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: MemorySpec,
         phase = chunk_phase(state.position, chunk_size)
         z, s, anchor = list(state.memory), list(state.momentum), list(state.anchor)
         outs = []
-        for start, end, fresh in segments(phase, t_len, chunk_size, spec.lag_token):
+        for start, end, fresh in _runs(spec, phase, t_len, chunk_size):
             if fresh:
                 anchor = list(z)
             part = lambda x: x[:, start:end].transpose(1, 2)  # noqa: E731  [N, H, n, ...]
             g = {name: None if x is None else part(x) for name, x in gates.items()}
-            chunk = _Chunk(spec, shapes, call.per_channel, part(k), part(v), g, z, s, anchor)
+            # The exact delta rule steps one token at a time from its state (its gradient point, Eq. 3.1 or,
+            # with grad_at_retained, alpha_t times it through `retained`, Eq. 3.2).
+            chunk = _Chunk(spec, shapes, call.per_channel, part(k), part(v), g, z, s,
+                           z if spec.exact_chunks else anchor)
             outs.append(chunk.read(scale * part(q)).transpose(1, 2))
             last = slice(-1, None)
             z_next = [chunk.states(i, last).squeeze(2) for i in range(len(z))]

@@ -16,9 +16,6 @@ import torch.nn.functional as F
 from ..spec import MemorySpec
 from . import bias as biases
 
-# LayerNorm epsilon of the residual MLP read-out (Eq. 1.4).
-LN_EPS = 1e-5
-
 
 def linear(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """w x for w [..., out, in]; x [..., in] with w's leading dims, or [..., n, in] sharing w."""
@@ -38,14 +35,14 @@ def _act_grad(spec: MemorySpec, u: torch.Tensor) -> torch.Tensor:
     return s * (1.0 + u * (1.0 - s))
 
 
-def layer_norm(u: torch.Tensor) -> torch.Tensor:
-    return F.layer_norm(u, u.shape[-1:], eps=LN_EPS)
+def layer_norm(spec: MemorySpec, u: torch.Tensor) -> torch.Tensor:
+    return F.layer_norm(u, u.shape[-1:], eps=spec.ln_eps)
 
 
-def _layer_norm_backward(u: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+def _layer_norm_backward(spec: MemorySpec, u: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """d/du of <g, LN(u)> for LayerNorm without affine (Eq. 5.5)."""
     mu = u.mean(-1, keepdim=True)
-    rstd = torch.rsqrt(u.var(-1, unbiased=False, keepdim=True) + LN_EPS)
+    rstd = torch.rsqrt(u.var(-1, unbiased=False, keepdim=True) + spec.ln_eps)
     xhat = (u - mu) * rstd
     return rstd * (g - g.mean(-1, keepdim=True) - xhat * (g * xhat).mean(-1, keepdim=True))
 
@@ -61,7 +58,7 @@ def apply(spec: MemorySpec, weights: list[torch.Tensor], x: torch.Tensor) -> tor
         if i < len(weights) - 1:
             h = activation(spec, h)
     if spec.memory == "mlp" and spec.residual_norm:
-        return x + layer_norm(h)
+        return x + layer_norm(spec, h)
     return h
 
 
@@ -85,10 +82,10 @@ def token_gradients(spec: MemorySpec, weights: list[torch.Tensor], k: torch.Tens
         pre.append(u)
         h = activation(spec, u) if i < len(weights) - 1 else u
     residual = spec.memory == "mlp" and spec.residual_norm
-    y = k + layer_norm(h) if residual else h
+    y = k + layer_norm(spec, h) if residual else h
     d = biases.output_grad(y, v, spec.bias, delta, spec.p, spec.eps)
     if residual:
-        d = _layer_norm_backward(pre[-1], d)
+        d = _layer_norm_backward(spec, pre[-1], d)
     deltas = [d]
     for i in range(len(weights) - 1, 0, -1):
         d = (d @ weights[i]) * _act_grad(spec, pre[i - 1])  # Eq. 5.4

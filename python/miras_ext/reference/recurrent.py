@@ -4,6 +4,8 @@ The memory gradient of the attentional bias comes from torch autograd (torch.fun
 written in reference/bias.py, not from a hand-derived formula, so this is an independent oracle. With
 chunk_size 1 (the default) it is the exact recurrence; with chunk_size b it takes each token's gradient at
 the anchor of its chunk (Eq. 5.1), which defines what the chunkwise algorithm computes, one token at a time.
+The delta rule (MemorySpec.exact_chunks) is exact at every chunk size: its gradient is always at the
+previous state.
 """
 
 from __future__ import annotations
@@ -66,7 +68,11 @@ def recurrent(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: MemorySpe
                 anchor[i] = torch.where(starts, z[i], anchor[i])
                 if spec.grad_at_retained:  # Eqs. 3.2, 5.2
                     anchor[i] = view("alpha", i) * anchor[i]
-            w = [link(spec, anchor[i], shapes[i]) for i in range(len(z))]
+            # The delta rule is exact at every chunk size (Eqs. 5.13-5.19): its gradient is at the previous
+            # state (times alpha_t, Eq. 3.2), whatever the anchor, which is still carried for the schedule.
+            at = [view("alpha", i) * z[i] if spec.grad_at_retained else z[i] for i in range(len(z))] \
+                if spec.exact_chunks else anchor
+            w = [link(spec, at[i], shapes[i]) for i in range(len(z))]
             grads = inner_grad(w, k[:, t], v[:, t], g["delta"])
             for i in range(len(z)):
                 step = view("lr", i) * grads[i]

@@ -7,9 +7,6 @@ import torch
 
 from ..spec import MemorySpec
 
-# Keeps the l_q normaliser of an all-zero accumulator finite (Eq. 3.5).
-NORM_EPS = 1e-12
-
 
 def link(spec: MemorySpec, z: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     """phi(Z) for one weight tensor; z [..., *shape], the per-head shape last."""
@@ -19,7 +16,7 @@ def link(spec: MemorySpec, z: torch.Tensor, shape: tuple[int, ...]) -> torch.Ten
     if r == "lq":  # Eq. 3.5: W = A / ||A||_q^(q-2), one norm per weight tensor and head
         q = spec.norm_order
         dims = tuple(range(-len(shape), 0))
-        total = z.abs().pow(q).sum(dim=dims, keepdim=True) + NORM_EPS
+        total = z.abs().pow(q).sum(dim=dims, keepdim=True) + spec.norm_floor
         return z * total.pow(-(q - 2.0) / q)
     if r == "kl":  # Eq. 3.6: c * row softmax of the logits
         return spec.kl_scale(shape) * torch.softmax(z, dim=-1)

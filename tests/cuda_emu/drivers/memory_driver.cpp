@@ -143,12 +143,15 @@ Case parse_case(const std::string& text) {
     else if (key == "eps") s.eps = num();
     else if (key == "link") s.link = by_name(key, word(), kLinks);
     else if (key == "norm_order") s.norm_order = num();
+    else if (key == "norm_floor") s.norm_floor = num();
+    else if (key == "ln_eps") s.ln_eps = num();
     else if (key == "shrinkage") s.shrinkage = num();
     else if (key == "simplex_scale") s.simplex_scale = num();
     else if (key == "has_alpha") s.has_alpha = int32_t(integer());
     else if (key == "momentum") s.momentum = int32_t(integer());
     else if (key == "per_channel") s.per_channel = int32_t(integer());
     else if (key == "retained") s.retained = int32_t(integer());
+    else if (key == "exact") s.exact = int32_t(integer());
     else if (key == "scale") s.scale = num();
     else if (key == "B") c.B = integer();
     else if (key == "T") c.T = integer();
