@@ -45,15 +45,17 @@ class SpecCase:
         rnd = lambda *shape: torch.randn(*shape, generator=gen)  # noqa: E731
         q, k = (F.normalize(rnd(B, t_len, H, D), dim=-1) for _ in range(2))
         v = rnd(B, t_len, H, D)
-        self.gates = {"lr": 0.2 * torch.sigmoid(rnd(B, t_len, H, D)),
-                      "alpha": 1.0 - 0.1 * torch.sigmoid(rnd(B, t_len, H, D)) if self.spec.retention != "none" else None,
-                      "momentum": torch.full((B, t_len, H, D), 0.9) if self.spec.algorithm == "momentum" else None,
-                      "delta": torch.ones(B, t_len, H) if self.spec.bias in ("yaad", "huber_norm", "huber",
-                                                                              "value_shift") else None}
+        per_channel = (B, t_len, H, D)
+        sp = self.spec
+        self.gates = {"lr": 0.2 * torch.sigmoid(rnd(*per_channel)),
+                      "alpha": 1.0 - 0.1 * torch.sigmoid(rnd(*per_channel)) if sp.has_retention_gate else None,
+                      "momentum": torch.full(per_channel, 0.9) if sp.algorithm == "momentum" else None,
+                      "delta": torch.ones(B, t_len, H) if sp.uses_threshold else None}
         init = [rnd(H, *s) / math.sqrt(s[-1]) for s in self.spec.weight_shapes(D, D)]
         self.inputs = [q, k, v]
         self.init = init
-        self.leaves = [t.requires_grad_() for t in (q, k, v, *init, *(g for g in self.gates.values() if g is not None))]
+        gates = [g for g in self.gates.values() if g is not None]
+        self.leaves = [t.requires_grad_() for t in (q, k, v, *init, *gates)]
         self.cot = rnd(B, t_len, H, D)
 
     def _call(self):

@@ -451,17 +451,19 @@ void backward_pairs(const Link<T>& lk, Prepared& P, const at::Tensor& du, const 
       T* s_prev = Mom ? Ss + t * W : nullptr;
       T* s_next = Mom ? Ss + (t + 1) * W : nullptr;
       // U keeps the reads (l_q: before the normaliser).
-      Nq[t] = step<T, R, Mom, Q4>(D, lk, toks[t], Zs + t * W, Zs + (t + 1) * W, s_prev, s_next, Ws + t * W,
-                              stores_w<R>(), ea, U + t * D.out);
+      T* w = stores_w<R>() ? Ws + t * W : nullptr;
+      Nq[t] = step<T, R, Mom, Q4>(D, lk, toks[t], Zs + t * W, Zs + (t + 1) * W, s_prev, s_next, w, stores_w<R>(),
+                                  ea, U + t * D.out);
     }
     T* X = mptr<T>(out.z0, g, W);
     T* Y = Mom ? mptr<T>(out.s0, g, W) : nullptr;
     if (gz.defined()) std::memcpy(X, ptr<T>(gz, g, W), sizeof(T) * W);
     if (Mom && gs.defined()) std::memcpy(Y, ptr<T>(gs, g, W), sizeof(T) * W);
     backward_pair<T, R, Mom, Q4>(lk, D, toks.data(), Zs, Ss, Ws, U, Nq, ptr<T>(du, g, n * D.out), X, Y,
-                             mptr<T>(out.h, g, n * D.in), mptr<T>(out.d, g, n * D.out), mptr<T>(out.a, g, n * D.in),
-                             mptr<T>(out.e, g, n * D.Dg), mptr<T>(out.alpha, g, n * D.Dg),
-                             Mom ? mptr<T>(out.m, g, n * D.Dg) : nullptr, vd, vrow, ea);
+                                 mptr<T>(out.h, g, n * D.in), mptr<T>(out.d, g, n * D.out),
+                                 mptr<T>(out.a, g, n * D.in), mptr<T>(out.e, g, n * D.Dg),
+                                 mptr<T>(out.alpha, g, n * D.Dg), Mom ? mptr<T>(out.m, g, n * D.Dg) : nullptr, vd,
+                                 vrow, ea);
   }
 }
 
