@@ -16,6 +16,9 @@ class MemoryState(NamedTuple):
     anchor:   the state whose phi the current chunk's gradients are taken at (Eq. 5.1): Z at the chunk's
               first token; with grad_at_retained, Z there times the retention since (Eq. 5.2).
     position: [N] int64, tokens written so far; with chunk_size it fixes where the next chunk starts.
+    chunk_size: the chunk size of the call that returned the state (None for a state built by hand). The
+              anchor and the chunk phase belong to that chunking, so a call continuing the state with another
+              chunk_size is refused.
 
     N is the batch size, or the number of sequences with cu_seqlens.
     """
@@ -24,3 +27,4 @@ class MemoryState(NamedTuple):
     momentum: tuple[torch.Tensor, ...]
     anchor: tuple[torch.Tensor, ...]
     position: torch.Tensor
+    chunk_size: int | None = None

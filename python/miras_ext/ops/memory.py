@@ -17,6 +17,7 @@ import dataclasses
 import torch
 
 from ..inputs import check_call, chunk_phase
+from ..nonfinite import cut_call, first_nonfinite
 from ..spec import MemorySpec
 from ..state import MemoryState
 
@@ -72,6 +73,9 @@ def memory_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: Memo
         o [B, T, H, Dv] and the final MemoryState (None unless output_final_state); states are in the
         compute dtype, [N, H, *shape].
 
+    Non-finite k or v: outputs from the first such token on are non-finite, those before it are the outputs
+    of the finite prefix (the call is cut there; miras_ext.nonfinite). The gates must be finite.
+
     Raises:
         ValueError naming the argument, the same as reference.chunked.
 
@@ -86,6 +90,11 @@ def memory_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: Memo
         (torch.Size([2, 10, 3, 8]), torch.Size([2, 3, 8, 8]), [10, 10])
     """
     call = check_call(q, k, v, lr, alpha, momentum, delta, spec, scale, initial_state, chunk_size, cu_seqlens)
+    cut = first_nonfinite(call.k, call.v)
+    if cut:
+        return cut_call(memory_forward, cut, q, k, v, spec, (lr, alpha, momentum, delta), scale=scale,
+                        initial_state=initial_state, output_final_state=output_final_state, chunk_size=chunk_size,
+                        cu_seqlens=cu_seqlens)
     st, g = call.state, call.gates
     if cu_seqlens is None and q.shape[1] > 0 and q.shape[0] > 0 and not torch.compiler.is_compiling():
         chunk_phase(st.position, chunk_size)
@@ -94,7 +103,7 @@ def memory_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: Memo
     o, memory, mom, anchor, position, _ = torch.ops.miras_ext.memory_chunk_fwd(
         q, k, v, g["lr"], g["alpha"], g["momentum"], g["delta"], list(st.memory), list(st.momentum),
         list(st.anchor), st.position, cu_seqlens, spec.encode(), float(scale), chunk_size, save)
-    state = MemoryState(tuple(memory), tuple(mom), tuple(anchor), position) if output_final_state else None
+    state = MemoryState(tuple(memory), tuple(mom), tuple(anchor), position, chunk_size) if output_final_state else None
     return o, state
 
 
@@ -106,7 +115,8 @@ def memory_step(q_t: torch.Tensor, k_t: torch.Tensor, v_t: torch.Tensor, spec: M
 
     q_t, k_t: [B, H, Dk]; v_t: [B, H, Dv]; gates [B, H] or [B, H, Dv] (delta as in memory_forward without
     the T axis). state: the MemoryState of the previous call (or an initial state as in memory_forward);
-    chunk_size must be the one the state was produced with, so that the step continues its chunk.
+    chunk_size must be the one the state was produced with, so that the step continues its chunk (a
+    MemoryState records it; another one is a ValueError).
     Returns o_t [B, H, Dv] and the MemoryState after the token.
 
     Example:

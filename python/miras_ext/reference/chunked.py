@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from ..inputs import check_call, chunk_phase
+from ..nonfinite import cut_call, first_nonfinite
 from ..spec import MemorySpec
 from ..state import MemoryState
 from .memory import activation, apply, gate_view, layer_norm, linear, token_gradients
@@ -142,9 +143,15 @@ def chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: MemorySpec,
 
     Chunks are aligned to each sequence's start (position 0 of its state); the final state carries the
     current chunk's anchor so that a later call, for example decoding one token at a time, continues
-    exactly where one call over the whole sequence would be.
+    exactly where one call over the whole sequence would be. Non-finite k or v: the call is cut at the first
+    such token, so no output before it is affected (miras_ext.nonfinite).
     """
     call = check_call(q, k, v, lr, alpha, momentum, delta, spec, scale, initial_state, chunk_size, cu_seqlens)
+    cut = first_nonfinite(call.k, call.v)
+    if cut:
+        return cut_call(chunked, cut, q, k, v, spec, (lr, alpha, momentum, delta), scale=scale,
+                        initial_state=initial_state, output_final_state=output_final_state, chunk_size=chunk_size,
+                        cu_seqlens=cu_seqlens)
     shapes = spec.weight_shapes(q.shape[-1], v.shape[-1])
 
     def dense(q, k, v, gates, state):

@@ -38,4 +38,4 @@ def run(dense: Dense, call: Call, cu_seqlens: torch.Tensor | None, output_final_
             outs.append(o)
             states.append(st)
         o, state = torch.cat(outs, dim=1), _concat(states)
-    return o.to(call.out_dtype), (state if output_final_state else None)
+    return o.to(call.out_dtype), (state._replace(chunk_size=call.chunk_size) if output_final_state else None)
