@@ -59,6 +59,11 @@ def _task_args(p, compare: bool = False):
     g.add_argument("--max-bytes", type=int, default=4_000_000, help="lm: characters of text to read (default 4M)")
 
 
+def _device_args(g):
+    g.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1 ...")
+    g.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+
+
 def _train_args(p, steps: int, compare: bool = False):
     if not compare:
         g = p.add_argument_group("model")
@@ -91,10 +96,11 @@ def _train_args(p, steps: int, compare: bool = False):
         r.add_argument("--stop-at", type=int, default=None, metavar="STEP",
                        help="stop at STEP and save, as if interrupted (resume later with --resume)")
         r.add_argument("--fsdp", action="store_true", help="under torchrun: FSDP2 (fully_shard) instead of DDP")
+    r.add_argument("--overwrite", action="store_true",
+                   help="replace the run(s) already in --out (without it such an --out is refused)")
     r.add_argument("--log-every", type=int, default=10, help="progress line every N steps when not a terminal")
     r.add_argument("--out", default=None, help="run folder (default runs/<preset>-<task> or runs/compare-<task>)")
-    r.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1 ...")
-    r.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    _device_args(r)
     r.add_argument("--no-plot", action="store_true", help="write no PNG")
     r.add_argument("--quiet", action="store_true", help="print only the summary")
 
@@ -121,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--pairs", type=int, help="mqar: key-value pairs (default: as trained)")
     e.add_argument("--batches", type=int, default=8, help="validation batches (default 8)")
     e.add_argument("--batch-size", type=int, default=32)
-    e.add_argument("--device", default="auto")
+    _device_args(e)
     e.add_argument("--json", metavar="FILE", help="also write the results as JSON")
 
     g = sub.add_parser("generate", help="sample text from a checkpoint",
@@ -135,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float, default=None)
     g.add_argument("--greedy", action="store_true", help="argmax decoding")
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--device", default="auto")
+    _device_args(g)
 
     c = sub.add_parser("compare", help="train a grid of presets on a task; table and plot",
                        description="Train each --presets at the tiny size (same tokens; the SwiGLU width adjusted "
@@ -166,7 +172,7 @@ def _train_args_from(ns, preset_name: str, out: str, **extra):
               weight_decay=ns.weight_decay, clip=ns.clip, seed=ns.seed, eval_every=ns.eval_every,
               eval_batches=ns.eval_batches, log_every=ns.log_every, out=out, device=ns.device,
               threads=ns.threads, plot=not ns.no_plot, quiet=ns.quiet)
-    for name in ("save_every", "resume", "stop_at", "fsdp", "match_params"):
+    for name in ("save_every", "resume", "stop_at", "fsdp", "match_params", "overwrite"):
         if hasattr(ns, name):
             kw[name] = getattr(ns, name)
     kw.update(extra)
@@ -226,8 +232,9 @@ def _task_from_meta(meta: dict, seq_len=None, pairs=None):
 
 def cmd_eval(ns) -> int:
     import torch
-    from .trainer import evaluate, fmt, load_model, pick_device
+    from .trainer import evaluate, fmt, load_model, pick_device, set_threads
     device = pick_device(ns.device)
+    set_threads(ns.threads)
     model, meta = load_model(ns.checkpoint, device)
     results = {}
     for length in ns.lengths or [meta["task"]["seq_len"]]:
@@ -244,9 +251,13 @@ def cmd_eval(ns) -> int:
 def cmd_generate(ns) -> int:
     import torch
     from ..tasks import Tokenizer
-    from .trainer import load_model, pick_device
+    from .trainer import load_model, pick_device, set_threads
     device = pick_device(ns.device)
+    set_threads(ns.threads)
     model, meta = load_model(ns.checkpoint, device)
+    if meta["task"]["task"] != "lm":
+        print(f"miras generate: warning: {ns.checkpoint} is a model of the {meta['task']['task']} task, not a text "
+              "model: its tokens are that task's symbols, printed here as bytes", file=sys.stderr)
     tok = Tokenizer(meta["train"].get("tokenizer", "bytes"))
     ids = tok.encode(ns.prompt)
     if not ids:
@@ -283,15 +294,24 @@ COMMANDS = dict(train=cmd_train, eval=cmd_eval, generate=cmd_generate, compare=c
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .checkpoint import CheckpointError
     from .trainer import Diverged, UsageError
     parser = build_parser()
+    cmd = "miras"
     try:
-        ns = parser.parse_args(argv)
+        ns, extra = parser.parse_known_args(argv)
         if ns.command is None:
+            if extra:
+                parser.error(f"unrecognized arguments: {' '.join(extra)}")
             parser.print_help()
             return 0
+        cmd = f"miras {ns.command}"
+        if extra:  # reported by the subcommand, whose --help lists its options
+            raise CLIError(f"{cmd}: unrecognized arguments: {' '.join(extra)} (see {cmd} --help)")
         if getattr(ns, "seq_len", None) is not None and ns.seq_len < 2:
-            raise CLIError(f"miras {ns.command}: --seq-len must be >= 2, got {ns.seq_len}")
+            raise CLIError(f"{cmd}: --seq-len must be >= 2, got {ns.seq_len} (see {cmd} --help)")
+        if getattr(ns, "threads", 0) < 0:
+            raise CLIError(f"{cmd}: --threads must be >= 0, got {ns.threads} (see {cmd} --help)")
         return COMMANDS[ns.command](ns)
     except CLIError as e:
         print(e, file=sys.stderr)
@@ -299,8 +319,9 @@ def main(argv: list[str] | None = None) -> int:
     except (UsageError, DataError, ValueError, FileNotFoundError, Diverged) as e:
         if os.environ.get("MIRAS_DEBUG"):
             raise
-        cmd = f"miras {ns.command}" if "ns" in locals() and getattr(ns, "command", None) else "miras"
-        print(f"{cmd}: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        hint = "" if isinstance(e, (Diverged, CheckpointError, DataError)) else f" (see {cmd} --help)"
+        print(f"{cmd}: error: {msg}{hint}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("miras: interrupted", file=sys.stderr)
