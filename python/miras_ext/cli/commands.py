@@ -1,4 +1,4 @@
-"""Argument parsing and the five subcommands of `miras`."""
+"""Argument parsing and the subcommands of `miras`."""
 
 from __future__ import annotations
 
@@ -153,6 +153,18 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--pairs-grid", nargs="+", type=int, help="mqar: numbers of pairs (default: --pairs)")
     c.add_argument("--no-match-params", action="store_true", help="keep each preset's own parameter count")
 
+    h = sub.add_parser("lm-eval", help="run lm-eval-harness tasks on a text checkpoint (the lm-eval extra)",
+                       description="Evaluate a text checkpoint with lm-eval-harness through the Hugging Face "
+                       "wrapper (pip install \"lm-eval[hf]\"): lm_eval's tasks, or your YAML tasks in "
+                       "--include-path (a task over a local JSONL file needs no network).")
+    h.add_argument("checkpoint", help="run folder or checkpoint folder")
+    h.add_argument("--tasks", nargs="+", required=True, help="lm_eval task names")
+    h.add_argument("--include-path", metavar="DIR", help="folder of extra task YAML files")
+    h.add_argument("--limit", type=int, default=None, help="at most this many documents per task")
+    h.add_argument("--batch-size", type=int, default=1)
+    _device_args(h)
+    h.add_argument("--json", metavar="FILE", help="also write lm_eval's results as JSON")
+
     b = sub.add_parser("bench", help="run bench/ops.py (memory op) or bench/decode.py (decode speed)",
                        description="Run a benchmark script of the repository, passing the remaining arguments: "
                        "`miras bench ops --quick`, `miras bench decode --contexts 1024 4096`.")
@@ -269,6 +281,19 @@ def cmd_generate(ns) -> int:
     return 0
 
 
+def cmd_lm_eval(ns) -> int:
+    from .harness import evaluate
+    from .trainer import pick_device, set_threads
+    device = pick_device(ns.device)
+    set_threads(ns.threads)
+    res = evaluate(ns.checkpoint, ns.tasks, ns.include_path, ns.limit, str(device), ns.batch_size)
+    for task, metrics in res["results"].items():
+        print(f"{task}: " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
+    if ns.json:
+        Path(ns.json).write_text(json.dumps(res["results"], indent=1, default=str) + "\n")
+    return 0
+
+
 def cmd_compare(ns) -> int:
     from .compare import run_compare
     _check_paths(ns)
@@ -290,7 +315,8 @@ def cmd_bench(ns) -> int:
     return subprocess.call([sys.executable, str(script), *ns.rest])
 
 
-COMMANDS = dict(train=cmd_train, eval=cmd_eval, generate=cmd_generate, compare=cmd_compare, bench=cmd_bench)
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "compare": cmd_compare,
+            "lm-eval": cmd_lm_eval, "bench": cmd_bench}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -316,11 +342,11 @@ def main(argv: list[str] | None = None) -> int:
     except CLIError as e:
         print(e, file=sys.stderr)
         return 2
-    except (UsageError, DataError, ValueError, FileNotFoundError, Diverged) as e:
+    except (UsageError, DataError, ValueError, FileNotFoundError, ImportError, Diverged) as e:
         if os.environ.get("MIRAS_DEBUG"):
             raise
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        hint = "" if isinstance(e, (Diverged, CheckpointError, DataError)) else f" (see {cmd} --help)"
+        hint = "" if isinstance(e, (Diverged, CheckpointError, DataError, ImportError)) else f" (see {cmd} --help)"
         print(f"{cmd}: error: {msg}{hint}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -14,7 +14,7 @@ import math
 import os
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -28,6 +28,9 @@ from ..models import MirasConfig, MirasForCausalLM, preset
 from ..models.miras_layer import LowRankGate
 from ..tasks import IGNORE, MQAR, SNIAH, Task, TextLM, answer_accuracy
 from ..tasks.text import bits_per_byte
+
+
+TOKENIZER = "tokenizer.json"  # a trained BPE, kept in the checkpoint
 
 
 class Diverged(RuntimeError):
@@ -221,9 +224,9 @@ def full_state_dict(model: nn.Module) -> dict:
     return inner.state_dict()
 
 
-def save_checkpoint(run: Path, model, optimizer, step: int, meta: dict, extra: dict) -> None:
-    """Write run/checkpoint.new (rank 0 the weights and config, every FSDP rank its optimizer shard) and swap
-    it in for run/checkpoint (cli/checkpoint.py)."""
+def save_checkpoint(run: Path, model, optimizer, step: int, meta: dict, extra: dict, bpe=None) -> None:
+    """Write run/checkpoint.new (rank 0 the weights, config and a trained BPE `bpe` as tokenizer.json, every
+    FSDP rank its optimizer shard) and swap it in for run/checkpoint (cli/checkpoint.py)."""
     from safetensors.torch import save_file
     rank, world, _ = dist_env()
     state = full_state_dict(model)
@@ -233,6 +236,8 @@ def save_checkpoint(run: Path, model, optimizer, step: int, meta: dict, extra: d
         checkpoint.staging(run)
         save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp / "model.safetensors"))
         (tmp / "config.json").write_text(json.dumps(meta, indent=1, default=str) + "\n")
+        if bpe is not None:
+            bpe.save(str(tmp / TOKENIZER))
     if world > 1:
         dist.barrier()
     if rank == 0 or any(type(p).__name__ == "DTensor" for p in unwrap(model).parameters()):
@@ -252,6 +257,8 @@ def load_model(path: str | Path, device="cpu") -> tuple[MirasForCausalLM, dict]:
     ckpt = checkpoint.find_checkpoint(path)
     checkpoint.verify(ckpt)
     meta = checkpoint.load_json(ckpt / "config.json")
+    if (ckpt / TOKENIZER).exists():  # the run's trained BPE: load it rather than train it again
+        meta["train"]["tokenizer"] = str(ckpt / TOKENIZER)
     model = MirasForCausalLM(MirasConfig.from_dict(meta["model"]))
     model.load_state_dict(checkpoint.load_tensors(ckpt / "model.safetensors", device))
     return model.to(device), meta
@@ -286,6 +293,10 @@ class Trainer:
             raise UsageError(f"batch-size: {a.batch_size} is not divisible by world size x grad-accum = "
                              f"{self.world} x {a.grad_accum}")
         self.micro = a.batch_size // (self.world * a.grad_accum)
+        self.out = Path(a.out)
+        saved = checkpoint.newest(self.out) if a.resume else None
+        if saved is not None and (saved / TOKENIZER).exists():  # continue with the BPE the run trained
+            a = replace(a, tokenizer=str(saved / TOKENIZER))
         try:
             self.task = task or make_task(a)
         except ValueError as e:
@@ -302,7 +313,6 @@ class Trainer:
                                            weight_decay=a.weight_decay)
         self.autocast = ((lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if self.device.type == "cuda"
                          else nullcontext)
-        self.out = Path(a.out)
         self.step, self.tokens, self.elapsed = 0, 0, 0.0
 
     # -- pieces the tests drive directly
@@ -370,7 +380,8 @@ class Trainer:
 
     def save(self) -> None:
         save_checkpoint(self.out, self.wrapped, self.optimizer, self.step, self.meta(),
-                        dict(tokens=self.tokens, elapsed=self.elapsed))
+                        dict(tokens=self.tokens, elapsed=self.elapsed),
+                        self.task.tokenizer.bpe if isinstance(self.task, TextLM) else None)
 
     def load(self) -> None:
         if self.rank == 0:
