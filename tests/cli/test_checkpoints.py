@@ -110,7 +110,7 @@ def test_sigkill_mid_training_then_resume_is_bit_exact(tmp_path):
     run = tmp_path / "b"
     proc = subprocess.Popen([sys.executable, "-m", "miras_ext.cli", "train", *common, "--out", str(run)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 120
+    deadline = time.time() + 300
     while _newest_step(run) < 6:
         assert proc.poll() is None, proc.stderr.read().decode()
         assert time.time() < deadline

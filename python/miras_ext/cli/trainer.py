@@ -22,12 +22,12 @@ import torch.distributed as dist
 from torch import nn
 
 from ..inputs import NonFiniteError
-from . import checkpoint
-from .progress import Progress
 from ..models import MirasConfig, MirasForCausalLM, preset
 from ..models.miras_layer import LowRankGate
 from ..tasks import IGNORE, MQAR, SNIAH, Task, TextLM, answer_accuracy
 from ..tasks.text import bits_per_byte
+from . import checkpoint
+from .progress import Progress
 
 
 TOKENIZER = "tokenizer.json"  # a trained BPE, kept in the checkpoint
