@@ -1,49 +1,110 @@
-"""Non-finite keys and values: outputs before the bad token stay those of the finite prefix.
+"""Non-finite values: a NaN or infinity at token t never changes an output before t.
 
-A NaN or infinity in k_t or v_t makes the memory non-finite from token t on, and with it every output from
-t on: that is the recurrence (Eqs. 4.1-4.3). The chunkwise forms compute a chunk's outputs with products over
-all of its tokens, the later ones masked by a zero coefficient (Eqs. 5.8-5.10); 0 * NaN is NaN, so left
-alone a non-finite token would also spoil the outputs before it in its chunk (a NaN travelling backwards in
-time). memory_forward and reference.chunked therefore cut a call at the first token whose k or v is not
-finite, run the part before it and continue from that part's state, which is exact (a call continues the
-chunk schedule of its initial state, Eq. 5.6). q_t is read only at t and needs no care; the gates are
-checked to be finite (inputs.NonFiniteError).
+A NaN or infinity in k_t or v_t, or an inner gradient that overflows at token t (e.g. |v_t| ~ 1e30 under
+the l_p bias in float32), makes the memory non-finite from t on, and with it the outputs from t on: that is
+the recurrence (Eqs. 4.1-4.3). The chunkwise forms compute the outputs of a run of tokens that share an
+anchor (Eq. 5.6) with products over all of the run's tokens, the later ones masked by a zero coefficient
+(Eqs. 5.8-5.10); 0 * NaN is NaN, so the outputs of the whole run can become non-finite, including those
+before t. Runs before it are not affected: they never see its tokens.
 
-Finite inputs whose inner gradients overflow the float32 compute dtype (e.g. |v| ~ 1e30 with the l_p bias)
-become non-finite inside the op and are not cut: pass float64 for such magnitudes.
-
-Eager calls only: under torch.compile the data-dependent cut would break the graph, so it is skipped.
+`causal` wraps memory_forward and reference.chunked: when an output is non-finite, each sequence is redone
+alone: the runs before the first non-finite output as one call, then token by token (T = 1 calls, each an
+exact continuation of the state) up to the first non-finite output, which is then that token's own; the
+rest continues from there as one call (as plain as the first when the state has become non-finite, else
+contained again). The outputs before the first bad token are then those of the finite prefix. Other calls
+pay one sum over the output. Eager calls only: under torch.compile the data-dependent branch is skipped.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+import functools
 
 import torch
 
-
-def first_nonfinite(k: torch.Tensor, v: torch.Tensor) -> int | None:
-    """The first token index t at which k or v ([B, T, H, D]) holds a NaN or infinity in any sequence and
-    head, or None."""
-    if torch.compiler.is_compiling() or k.numel() == 0:
-        return None
-    bad = ~(torch.isfinite(k).all(-1) & torch.isfinite(v).all(-1))  # [B, T, H]
-    if not bool(bad.any()):
-        return None
-    return int(bad.any(2).any(0).nonzero()[0, 0])
+from .inputs import check_call
+from .state import MemoryState, concat, select
 
 
-def cut_call(fn: Callable, cut: int, q, k, v, spec, gates: tuple, *, scale: float, initial_state,
-             output_final_state: bool, chunk_size: int, cu_seqlens):
-    """fn (memory_forward or reference.chunked) over tokens [0, cut), then over [cut, T) from that state;
-    with cu_seqlens every packed sequence is cut at the same global index (sequences wholly on one side
-    get an empty part, which leaves their state as it is)."""
-    head = lambda x: None if x is None else x[:, :cut]  # noqa: E731
-    tail = lambda x: None if x is None else x[:, cut:]  # noqa: E731
-    cu_head = None if cu_seqlens is None else cu_seqlens.clamp(max=cut)
-    cu_tail = None if cu_seqlens is None else cu_seqlens.clamp(min=cut) - cut
-    o_head, state = fn(head(q), head(k), head(v), spec, *map(head, gates), scale=scale, initial_state=initial_state,
-                       output_final_state=True, chunk_size=chunk_size, cu_seqlens=cu_head)
-    o_tail, state = fn(tail(q), tail(k), tail(v), spec, *map(tail, gates), scale=scale, initial_state=state,
-                       output_final_state=output_final_state, chunk_size=chunk_size, cu_seqlens=cu_tail)
-    return torch.cat([o_head, o_tail], dim=1), state
+def _finite(xs) -> bool:
+    return all(bool(torch.isfinite(x).all()) for x in xs)
+
+
+def _run_start(position: int, t: int, chunk_size: int, lag_token: bool) -> int:
+    """The first token of the run (tokens sharing an anchor, Eq. 5.6) that holds token t of a call whose
+    sequence starts at `position`."""
+    while t > 0:
+        phase = (position + t) % chunk_size
+        if phase == 0 or (lag_token and phase == 1):
+            return t
+        t -= 1
+    return 0
+
+
+def _contain_one(plain, q, k, v, spec, gates, state: MemoryState, kw: dict):
+    """One sequence (B = 1, no cu_seqlens) from `state`, its outputs before each bad token kept finite."""
+    def call(lo: int, hi: int, st: MemoryState):
+        part = lambda x: None if x is None else x[:, lo:hi]  # noqa: E731
+        return plain(part(q), part(k), part(v), spec, *map(part, gates), initial_state=st, output_final_state=True,
+                     **kw)
+
+    length, t, parts = q.shape[1], 0, []
+    if length == 0:  # an empty sequence of a packed call
+        return call(0, 0, state)
+    while t < length:
+        o, end = call(t, length, state)
+        bad = (~torch.isfinite(o).flatten(2).all(-1))[0]
+        if not bool(bad.any()):
+            parts.append(o)
+            state, t = end, length
+            break
+        s = t + _run_start(int(state.position[0]), int(bad.nonzero()[0, 0]), kw["chunk_size"], spec.lag_token)
+        if s > t:
+            o, state = call(t, s, state)
+            parts.append(o)
+        t = s
+        while t < length:  # token by token up to the first non-finite output
+            o, state = call(t, t + 1, state)
+            parts.append(o)
+            t += 1
+            if not bool(torch.isfinite(o).all()):
+                break
+        if not _finite((*state.memory, *state.momentum, *state.anchor)):  # nothing after t can be finite
+            if t < length:
+                o, state = call(t, length, state)
+                parts.append(o)
+            break
+    return torch.cat(parts, dim=1), state
+
+
+def causal(plain):
+    """`plain` (memory_forward's or reference.chunked's computation, same signature) with non-finite
+    values contained as the module docstring says."""
+    @functools.wraps(plain)
+    def forward(q, k, v, spec, lr, alpha=None, momentum=None, delta=None, *, scale: float = 1.0, initial_state=None,
+                output_final_state: bool = False, chunk_size: int = 64, cu_seqlens=None):
+        gates = (lr, alpha, momentum, delta)
+        kw = dict(scale=scale, chunk_size=chunk_size)
+        o, state = plain(q, k, v, spec, *gates, initial_state=initial_state, output_final_state=output_final_state,
+                         cu_seqlens=cu_seqlens, **kw)
+        # One reduction: a NaN or infinity anywhere makes the sum non-finite (a sum that merely overflows costs a
+        # needless second look); float16 outputs are summed in float32, where they cannot overflow.
+        total = o.sum(dtype=torch.float64 if o.dtype == torch.float64 else torch.float32)
+        if torch.compiler.is_compiling() or bool(torch.isfinite(total)):
+            return o, state
+        start = check_call(q, k, v, *gates, spec, scale, initial_state, chunk_size, cu_seqlens).state
+        if cu_seqlens is None:
+            pieces = [(slice(b, b + 1), slice(None)) for b in range(q.shape[0])]
+        else:
+            offsets = cu_seqlens.tolist()
+            pieces = [(slice(None), slice(a, b)) for a, b in zip(offsets, offsets[1:])]
+        outs, states = [], []
+        for i, (rows, span) in enumerate(pieces):
+            part = lambda x: None if x is None else x[rows, span]  # noqa: E731
+            o_i, st_i = _contain_one(plain, part(q), part(k), part(v), spec, tuple(map(part, gates)),
+                                     select(start, i), kw)
+            outs.append(o_i)
+            states.append(st_i)
+        o = torch.cat(outs, dim=0 if cu_seqlens is None else 1)
+        return o, (concat(states)._replace(chunk_size=chunk_size) if output_final_state else None)
+
+    return forward

@@ -28,3 +28,18 @@ class MemoryState(NamedTuple):
     anchor: tuple[torch.Tensor, ...]
     position: torch.Tensor
     chunk_size: int | None = None
+
+
+def select(state: MemoryState, i: int) -> MemoryState:
+    """The state of sequence i alone (N = 1)."""
+    pick = lambda ts: tuple(t[i:i + 1] for t in ts)  # noqa: E731
+    return state._replace(memory=pick(state.memory), momentum=pick(state.momentum), anchor=pick(state.anchor),
+                          position=state.position[i:i + 1])
+
+
+def concat(states: list[MemoryState]) -> MemoryState:
+    """The states of several calls' sequences as one state, in order."""
+    cat = lambda parts: tuple(torch.cat(p) for p in zip(*parts))  # noqa: E731
+    return states[0]._replace(memory=cat([s.memory for s in states]), momentum=cat([s.momentum for s in states]),
+                              anchor=cat([s.anchor for s in states]),
+                              position=torch.cat([s.position for s in states]))

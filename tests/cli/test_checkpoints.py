@@ -54,8 +54,8 @@ def test_an_existing_run_is_refused_without_resume_or_overwrite(tmp_path, capsys
 
 
 def test_compare_refuses_an_existing_comparison(tmp_path, capsys):
-    args = ["compare", "--presets", "yaad", *[a for a in RUN if a not in ("--preset", "yaad", "--quiet")], "--steps", "2",
-            "--out", str(tmp_path)]
+    args = ["compare", "--presets", "yaad", *[a for a in RUN if a not in ("--preset", "yaad", "--quiet")],
+            "--steps", "2", "--out", str(tmp_path)]
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "[1/1] yaad-L16-P2" in out and "ETA" in out      # progress lines while each run trains

@@ -47,7 +47,8 @@ def test_bpe_is_trained_kept_in_the_checkpoint_and_resumed_exactly(corpus, tmp_p
     assert main(["train", *args, "--out", str(tmp_path / "b"), "--stop-at", "2"]) == 0
     assert main(["train", *args, "--out", str(tmp_path / "b"), "--resume"]) == 0
     strip = lambda rows: [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in rows]  # noqa: E731
-    assert strip(read_metrics(tmp_path / "a" / "metrics.jsonl")) == strip(read_metrics(tmp_path / "b" / "metrics.jsonl"))
+    a, b = (strip(read_metrics(tmp_path / run / "metrics.jsonl")) for run in "ab")
+    assert a == b
     ckpt = tmp_path / "a" / "checkpoint"
     assert "tokenizer.json" in json.loads((ckpt / checkpoint.MANIFEST).read_text())["files"]
     model, meta = load_model(tmp_path / "a")

@@ -96,3 +96,22 @@ def test_gradients_through_the_cut_call():
     for cut in grads[1:]:
         for g, g_clean in zip(cut, grads[0]):
             assert rel(g, g_clean) < 1e-9
+
+
+@FNS
+@pytest.mark.parametrize("spec", [
+    MemorySpec(memory="mlp", expansion=2, bias="lp", p=3.0, retention="lq", norm_order=4.0),
+    MemorySpec(memory="matrix", bias="lp", p=3.0, retention="l2"),
+], ids=["moneta", "matrix-lp"])
+def test_a_float32_overflow_spoils_no_earlier_output(fn, spec):
+    """v = 1e30 is finite, but the l_p gradient |r|^(p-1) overflows float32 at t = 10: the outputs before t
+    are those of the prefix, and the float64 call, where nothing overflows, stays finite throughout."""
+    clean = make_inputs(spec, B=1, T=20, H=1, dk=8, alpha=(0.9, 1.0))
+    big = clean.cast(torch.float64)
+    big.v = big.v.clone()
+    big.v[0, 10] = 1e30
+    o, _ = big.cast(torch.float32).call(fn, chunk_size=16)
+    o_prefix, _ = big.cast(torch.float32).slice_t(0, 10).call(fn, chunk_size=16)
+    assert torch.isfinite(o[:, :10]).all() and not torch.isfinite(o[:, 10:]).all()
+    assert rel(o[:, :10], o_prefix) < 1e-5
+    assert torch.isfinite(big.call(fn, chunk_size=16)[0]).all()

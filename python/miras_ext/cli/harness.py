@@ -13,7 +13,8 @@ def hflm(path: str | Path, device: str = "cpu", batch_size: int = 1):
     try:
         from lm_eval.models.huggingface import HFLM
     except ImportError as e:
-        raise ImportError(f"lm-eval: the `lm-eval[hf]` extra is not installed ({e}); pip install \"lm-eval[hf]\"") from None
+        raise ImportError(f"lm-eval: the `lm-eval[hf]` extra is not installed ({e}); "
+                          "pip install \"lm-eval[hf]\"") from None
     from ..models.hf import MirasHFForCausalLM
     from ..tasks import Tokenizer
     from .trainer import UsageError, load_model

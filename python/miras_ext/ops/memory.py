@@ -17,7 +17,7 @@ import dataclasses
 import torch
 
 from ..inputs import check_call, chunk_phase
-from ..nonfinite import cut_call, first_nonfinite
+from ..nonfinite import causal
 from ..spec import MemorySpec
 from ..state import MemoryState
 
@@ -46,6 +46,7 @@ def checkpoint_rows(n: int, t: int, chunk_size: int, lag_token: bool, varlen: bo
     return (chunks + 2 * n if varlen else n * (chunks + 1)) * factor
 
 
+@causal
 def memory_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: MemorySpec, lr: torch.Tensor,
                    alpha: torch.Tensor | None = None, momentum: torch.Tensor | None = None,
                    delta: torch.Tensor | None = None, *, scale: float = 1.0, initial_state=None,
@@ -73,8 +74,9 @@ def memory_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: Memo
         o [B, T, H, Dv] and the final MemoryState (None unless output_final_state); states are in the
         compute dtype, [N, H, *shape].
 
-    Non-finite k or v: outputs from the first such token on are non-finite, those before it are the outputs
-    of the finite prefix (the call is cut there; miras_ext.nonfinite). The gates must be finite.
+    Non-finite values (NaN or infinite k or v, or an inner gradient that overflows): the outputs from the
+    first bad token on are non-finite, those before it are the outputs of the finite prefix
+    (miras_ext.nonfinite). The gates must be finite.
 
     Raises:
         ValueError naming the argument, the same as reference.chunked.
@@ -90,11 +92,6 @@ def memory_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: Memo
         (torch.Size([2, 10, 3, 8]), torch.Size([2, 3, 8, 8]), [10, 10])
     """
     call = check_call(q, k, v, lr, alpha, momentum, delta, spec, scale, initial_state, chunk_size, cu_seqlens)
-    cut = first_nonfinite(call.k, call.v)
-    if cut:
-        return cut_call(memory_forward, cut, q, k, v, spec, (lr, alpha, momentum, delta), scale=scale,
-                        initial_state=initial_state, output_final_state=output_final_state, chunk_size=chunk_size,
-                        cu_seqlens=cu_seqlens)
     st, g = call.state, call.gates
     if cu_seqlens is None and q.shape[1] > 0 and q.shape[0] > 0 and not torch.compiler.is_compiling():
         chunk_phase(st.position, chunk_size)
