@@ -1,6 +1,6 @@
-"""Non-finite q, k, v (miras_ext.nonfinite): a NaN or infinity at token t never changes an output before t,
-in the op and in reference.chunked, padded and packed; outputs from t on are non-finite where the recurrence
-makes them so, and the other sequences of the call are unaffected."""
+"""Non-finite values (miras_ext.nonfinite): a NaN or infinity in q, k or v at token t, or a float32 overflow
+there, never changes an output before t, in the op and in reference.chunked, padded and packed; outputs from t
+on are non-finite where the recurrence makes them so, and the other sequences of the call are unaffected."""
 
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ def test_a_bad_token_spoils_no_earlier_output(fn, spec, name, value):
     # The Huber gradient clips the residual at delta: an infinite value is a finite write (Eq. 2.5).
     clipped = spec.bias == "huber" and name == "v" and math.isinf(value)
     assert torch.isfinite(o[1, 10:]).all() == clipped
-    # Sequence 0 never saw the bad token: the cut at t = 10 continues it exactly.
+    # Sequence 0 never saw the bad token: redone alone, it is the clean result.
     assert rel(o[0], o_clean[0]) < 1e-12
     assert rel(state.memory[0][0], st_clean.memory[0][0]) < 1e-12
 
@@ -63,7 +63,7 @@ def test_nan_q_spoils_only_its_own_read(fn, spec):
 
 
 @FNS
-def test_packed_sequences_are_cut_at_the_bad_token(fn):
+def test_packed_sequences_are_contained_one_by_one(fn):
     """cu_seqlens [0, 7, 20, 33]: a NaN at global token 12 (sequence 1, its token 5)."""
     spec = MemorySpec(memory="matrix", bias="l2", retention="l2")
     cu = torch.tensor([0, 7, 20, 33])
@@ -79,9 +79,9 @@ def test_packed_sequences_are_cut_at_the_bad_token(fn):
     assert torch.equal(state.position, st_clean.position)
 
 
-def test_gradients_through_the_cut_call():
+def test_gradients_through_a_contained_call():
     """Sequence 0 is clean, sequence 1 has a NaN key at t = 7: the gradients of sequence 0's loss are those
-    of the uncut call. (Sequence 1's gradients are NaN before t = 7 too: the backward multiplies the zero
+    of the clean call. (Sequence 1's gradients are NaN before t = 7 too: the backward multiplies the zero
     cotangents of its later outputs by them.)"""
     spec = MemorySpec(memory="mlp", expansion=2, bias="l2", retention="l2")
     clean = make_inputs(spec, B=2, T=12, H=1, dk=4)
@@ -93,8 +93,8 @@ def test_gradients_through_the_cut_call():
             o, _ = x.call(fn, chunk_size=4)
             grads.append([g[0] for g in torch.autograd.grad((weights * o[0]).sum(), [x.q, x.k, x.v, x.gates["lr"],
                                                                        *x.initial_state])])
-    for cut in grads[1:]:
-        for g, g_clean in zip(cut, grads[0]):
+    for other in grads[1:]:
+        for g, g_clean in zip(other, grads[0]):
             assert rel(g, g_clean) < 1e-9
 
 

@@ -114,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a model on a task (default: tiny Moneta on MQAR)",
                        description="Train a model. With no arguments: a tiny Moneta on MQAR (4 key-value pairs, "
                        "32 tokens, 16 symbols) for a few minutes on a CPU; prints the recall accuracy before and after. Writes "
-                       "OUT/checkpoint/ (model.safetensors, config.json, trainer.pt), OUT/metrics.jsonl and "
+                       "OUT/checkpoint/ (model.safetensors, config.json, trainer.pt, manifest.json), OUT/metrics.jsonl and "
                        "OUT/loss.png. Under torchrun the same command trains with DistributedDataParallel.")
     _train_args(t, 150)
     _task_args(t)

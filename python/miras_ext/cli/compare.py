@@ -53,7 +53,7 @@ def run_compare(ns) -> int:
         left = (time.time() - started) / (i + 1) * (len(runs) - i - 1)
         prog.line(f"  {tag:<28} params {row['parameters']:>8,}  loss {ev['loss']:.3f}  accuracy {ev['accuracy']:.1%}"
                   + "".join(f"  {k[9:]} {v:.0%}" for k, v in ev.items() if k.startswith("accuracy/"))
-                  + f"  ({row['seconds']:.0f} s; {len(runs) - i - 1} runs, about {duration(left)} left)", always=True)
+                  + f"  ({row['seconds']:.0f} s; {len(runs) - i - 1} to go, about {duration(left)})", always=True)
     (out / "compare.json").write_text(json.dumps(dict(task=ns.task, steps=ns.steps, batch_size=ns.batch_size,
                                                       rows=rows), indent=1) + "\n")
     print()
