@@ -15,6 +15,8 @@ from .state import MemoryState
 
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 GATES = ("lr", "alpha", "momentum", "delta")
+# The operators take chunk_size as a C++ int64 and add T to it; any length a call can have fits below this.
+MAX_CHUNK = 2**31 - 1
 
 
 @dataclass
@@ -29,6 +31,7 @@ class Call:
     state: MemoryState
     out_dtype: torch.dtype
     per_channel: bool
+    chunk_size: int
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -120,18 +123,17 @@ def _check_gates(gates: dict, spec: MemorySpec, q: torch.Tensor, dv: int) -> tup
     return out, bool(per_channel)
 
 
-def _check_cu_seqlens(cu_seqlens, q: torch.Tensor) -> int:
+def check_cu_seqlens(cu_seqlens, length: int) -> int:
+    """The number of sequences N that offsets cu_seqlens [N + 1] pack into `length` tokens."""
     if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
         raise ValueError("cu_seqlens: expected a 1-D integer tensor [N + 1] of sequence offsets")
     if cu_seqlens.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"cu_seqlens: expected dtype int32 or int64, got {cu_seqlens.dtype}")
-    if q.shape[0] != 1:
-        raise ValueError(f"q: with cu_seqlens the sequences are packed along T and B must be 1, got B={q.shape[0]}")
     if torch.compiler.is_compiling():  # the offsets' values are data; eager calls check them
         return cu_seqlens.numel() - 1
     c = cu_seqlens.tolist()
-    if c[0] != 0 or c[-1] != q.shape[1] or any(a > b for a, b in zip(c, c[1:])):
-        raise ValueError(f"cu_seqlens: expected non-decreasing offsets from 0 to T={q.shape[1]}, got {c}")
+    if c[0] != 0 or c[-1] != length or any(a > b for a, b in zip(c, c[1:])):
+        raise ValueError(f"cu_seqlens: expected non-decreasing offsets from 0 to T={length}, got {c}")
     return len(c) - 1
 
 
@@ -150,7 +152,8 @@ def _expand(name: str, x, n: int, h: int, shape: tuple[int, ...], dtype, device)
     return x.to(dtype).expand(n, *x.shape[1:])
 
 
-def _initial_state(initial_state, spec: MemorySpec, n: int, h: int, dk: int, dv: int, dtype, device) -> MemoryState:
+def _initial_state(initial_state, spec: MemorySpec, n: int, h: int, dk: int, dv: int, dtype, device,
+                   chunk_size: int) -> MemoryState:
     shapes = spec.weight_shapes(dk, dv)
     nmom = len(shapes) if spec.algorithm == "momentum" else 0
     if initial_state is None:
@@ -161,6 +164,10 @@ def _initial_state(initial_state, spec: MemorySpec, n: int, h: int, dk: int, dv:
         position = torch.zeros(n, dtype=torch.int64, device=device)
         return MemoryState(memory, tuple(torch.zeros_like(m) for m in memory[:nmom]), memory, position)
     if isinstance(initial_state, MemoryState):
+        made = initial_state.chunk_size
+        if made is not None and made != chunk_size:
+            raise ValueError(f"initial_state: made with chunk_size={made}, continued with chunk_size={chunk_size}; "
+                             f"its anchor and chunk phase belong to chunks of {made}, so pass chunk_size={made}")
         fields = [("memory", initial_state.memory, len(shapes)), ("momentum", initial_state.momentum, nmom),
                   ("anchor", initial_state.anchor, len(shapes))]
         parts = []
@@ -210,16 +217,21 @@ def check_call(q, k, v, lr, alpha, momentum, delta, spec: MemorySpec, scale: flo
             raise ValueError(f"{name}: expected dtype {q.dtype} (that of q), got {x.dtype}")
         if x.device != q.device:
             raise ValueError(f"{name}: expected device {q.device} (that of q), got {x.device}")
-    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
-        raise ValueError(f"chunk_size: expected an integer >= 1, got {chunk_size!r}")
+    if q.is_meta:
+        raise ValueError("q: expected a tensor with data, got one on the meta device (the gates' ranges and the "
+                         "non-finite cut read the values)")
+    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or not 1 <= chunk_size <= MAX_CHUNK:
+        raise ValueError(f"chunk_size: expected an integer in [1, {MAX_CHUNK}], got {chunk_size!r}")
     if not isinstance(scale, (int, float)) or not scale > 0:
         raise ValueError(f"scale: expected a float > 0, got {scale!r}")
     b, _, h, dk = q.shape
     dv = v.shape[-1]
     gates, per_channel = _check_gates({"lr": lr, "alpha": alpha, "momentum": momentum, "delta": delta}, spec, q, dv)
     spec.check_dims(dk, dv, per_channel)
-    n = b if cu_seqlens is None else _check_cu_seqlens(cu_seqlens, q)
+    if cu_seqlens is not None and b != 1:
+        raise ValueError(f"q: with cu_seqlens the sequences are packed along T and B must be 1, got B={b}")
+    n = b if cu_seqlens is None else check_cu_seqlens(cu_seqlens, q.shape[1])
     dtype = compute_dtype(q.dtype)
-    state = _initial_state(initial_state, spec, n, h, dk, dv, dtype, q.device)
+    state = _initial_state(initial_state, spec, n, h, dk, dv, dtype, q.device, chunk_size)
     gates = {name: None if g is None else g.to(dtype) for name, g in gates.items()}
-    return Call(q.to(dtype), k.to(dtype), v.to(dtype), gates, state, q.dtype, per_channel)
+    return Call(q.to(dtype), k.to(dtype), v.to(dtype), gates, state, q.dtype, per_channel, chunk_size)

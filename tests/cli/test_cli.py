@@ -24,7 +24,7 @@ def test_training_reduces_loss(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "before ->" in out and "checkpoint" in out
     ckpt = tmp_path / "checkpoint"
-    assert {p.name for p in ckpt.iterdir()} == {"model.safetensors", "config.json", "trainer.pt"}
+    assert {p.name for p in ckpt.iterdir()} == {"model.safetensors", "config.json", "trainer.pt", "manifest.json"}
     meta = json.loads((ckpt / "config.json").read_text())
     assert meta["preset"] == "yaad" and meta["task"]["pairs"] == 2
 

@@ -146,6 +146,10 @@ def _bad_calls():
         "cu-B": ((q, k, v, spec, lr, alpha), {"cu_seqlens": torch.tensor([0, 5])}),
         "cu-offsets": ((q[:1], k[:1], v[:1], spec, lr[:1], alpha[:1]), {"cu_seqlens": torch.tensor([0, 6])}),
         "spec": ((q, k, v, "l2", lr, alpha), {}),
+        "chunk-2**64": ((q, k, v, spec, lr, alpha), {"chunk_size": 2**64}),
+        "meta": ((q.to("meta"), k.to("meta"), v.to("meta"), spec, lr.to("meta"), alpha.to("meta")), {}),
+        "state-chunk": ((q, k, v, spec, lr, alpha), {"initial_state": mid._replace(position=torch.tensor([4, 4]),
+                                                                                   chunk_size=2), "chunk_size": 4}),
     }
 
 
@@ -157,6 +161,20 @@ def test_bad_inputs_raise_like_reference(case):
     with pytest.raises(ValueError) as ours:
         memory_forward(*args, **kwargs)
     assert str(ours.value) == str(ref.value)
+
+
+def test_memory_step_refuses_another_chunk_size():
+    """memory_step(chunk_size=64) on a state made at chunk 4 would be 15% off the single call."""
+    spec = MemorySpec(memory="matrix", bias="l2", retention="l2")
+    inp = make_inputs(spec, B=1, T=9, H=2, dv=3)
+    _, state = inp.slice_t(0, 8).call(memory_forward, chunk_size=4, output_final_state=True)
+    step = lambda cs: memory_step(inp.q[:, 8], inp.k[:, 8], inp.v[:, 8], spec, inp.gates["lr"][:, 8],  # noqa: E731
+                                  inp.gates["alpha"][:, 8], state=state, chunk_size=cs)
+    with pytest.raises(ValueError, match=r"^initial_state: made with chunk_size=4, continued with chunk_size=64"):
+        step(64)
+    o_t, _ = step(4)
+    o, _ = inp.call(memory_forward, chunk_size=4)
+    assert rel(o_t, o[:, 8]) < TOL
 
 
 def _op_args(spec: MemorySpec, save: bool, T: int = 6, requires_grad: bool = False):

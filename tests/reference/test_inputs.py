@@ -193,10 +193,22 @@ def test_spec_must_be_a_memory_spec(fn):
 
 
 @FNS
-@pytest.mark.parametrize("chunk_size", [0, -1, 2.0, "4", None], ids=["0", "-1", "float", "str", "None"])
+@pytest.mark.parametrize("chunk_size", [0, -1, 2.0, "4", None, True, 2**31, 2**64],
+                         ids=["0", "-1", "float", "str", "None", "bool", "2**31", "2**64"])
 def test_bad_chunk_size(fn, chunk_size):
     with pytest.raises(ValueError, match=r"^chunk_size:"):
         _call(fn, _base(), chunk_size=chunk_size)
+
+
+@FNS
+def test_meta_tensors_are_refused(fn):
+    """Meta tensors have shapes but no values, and the checks read values (gate ranges, non-finite k, v)."""
+    inp = _base(init="random")
+    meta = lambda x: None if x is None else x.to("meta")  # noqa: E731
+    inp = _with(inp, q=meta(inp.q), k=meta(inp.k), v=meta(inp.v), **{n: meta(g) for n, g in inp.gates.items()})
+    inp.initial_state = tuple(meta(x) for x in inp.initial_state)
+    with pytest.raises(ValueError, match=r"^q: expected a tensor with data, got one on the meta device"):
+        _call(fn, inp)
 
 
 @FNS
@@ -275,6 +287,19 @@ def test_momentum_state_missing(fn):
     state = MemoryState(inp.initial_state, (), inp.initial_state, torch.zeros(2, dtype=torch.int64))
     with pytest.raises(ValueError, match=r"^initial_state\.momentum:"):
         _call(fn, inp, initial_state=state)
+
+
+@FNS
+def test_a_state_continues_only_at_its_own_chunk_size(fn):
+    """A returned state records its chunk size: its anchor and chunk phase belong to that chunking, so
+    another chunk_size would silently compute a different function (15% off at 4 vs 64)."""
+    inp = _base(MATRIX, T=6)
+    _, state = _call(fn, inp.slice_t(0, 5), chunk_size=4, output_final_state=True)
+    assert state.chunk_size == 4
+    with pytest.raises(ValueError, match=r"^initial_state: made with chunk_size=4, continued with chunk_size=64"):
+        _call(fn, inp.slice_t(5, 6), chunk_size=64, initial_state=state)
+    _call(fn, inp.slice_t(5, 6), chunk_size=4, initial_state=state)
+    _call(fn, inp.slice_t(5, 6), chunk_size=64, initial_state=state._replace(chunk_size=None))  # built by hand
 
 
 # ---------------------------------------------------------------------------------------------------------

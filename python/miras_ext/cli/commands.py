@@ -1,4 +1,4 @@
-"""Argument parsing and the five subcommands of `miras`."""
+"""Argument parsing and the subcommands of `miras`."""
 
 from __future__ import annotations
 
@@ -59,6 +59,11 @@ def _task_args(p, compare: bool = False):
     g.add_argument("--max-bytes", type=int, default=4_000_000, help="lm: characters of text to read (default 4M)")
 
 
+def _device_args(g):
+    g.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1 ...")
+    g.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+
+
 def _train_args(p, steps: int, compare: bool = False):
     if not compare:
         g = p.add_argument_group("model")
@@ -91,10 +96,11 @@ def _train_args(p, steps: int, compare: bool = False):
         r.add_argument("--stop-at", type=int, default=None, metavar="STEP",
                        help="stop at STEP and save, as if interrupted (resume later with --resume)")
         r.add_argument("--fsdp", action="store_true", help="under torchrun: FSDP2 (fully_shard) instead of DDP")
+    r.add_argument("--overwrite", action="store_true",
+                   help="replace the run(s) already in --out (without it such an --out is refused)")
     r.add_argument("--log-every", type=int, default=10, help="progress line every N steps when not a terminal")
     r.add_argument("--out", default=None, help="run folder (default runs/<preset>-<task> or runs/compare-<task>)")
-    r.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1 ...")
-    r.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    _device_args(r)
     r.add_argument("--no-plot", action="store_true", help="write no PNG")
     r.add_argument("--quiet", action="store_true", help="print only the summary")
 
@@ -108,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a model on a task (default: tiny Moneta on MQAR)",
                        description="Train a model. With no arguments: a tiny Moneta on MQAR (4 key-value pairs, "
                        "32 tokens, 16 symbols) for a few minutes on a CPU; prints the recall accuracy before and after. Writes "
-                       "OUT/checkpoint/ (model.safetensors, config.json, trainer.pt), OUT/metrics.jsonl and "
+                       "OUT/checkpoint/ (model.safetensors, config.json, trainer.pt, manifest.json), OUT/metrics.jsonl and "
                        "OUT/loss.png. Under torchrun the same command trains with DistributedDataParallel.")
     _train_args(t, 150)
     _task_args(t)
@@ -121,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--pairs", type=int, help="mqar: key-value pairs (default: as trained)")
     e.add_argument("--batches", type=int, default=8, help="validation batches (default 8)")
     e.add_argument("--batch-size", type=int, default=32)
-    e.add_argument("--device", default="auto")
+    _device_args(e)
     e.add_argument("--json", metavar="FILE", help="also write the results as JSON")
 
     g = sub.add_parser("generate", help="sample text from a checkpoint",
@@ -135,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float, default=None)
     g.add_argument("--greedy", action="store_true", help="argmax decoding")
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--device", default="auto")
+    _device_args(g)
 
     c = sub.add_parser("compare", help="train a grid of presets on a task; table and plot",
                        description="Train each --presets at the tiny size (same tokens; the SwiGLU width adjusted "
@@ -146,6 +152,18 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--lengths", nargs="+", type=int, help="training/eval lengths (default: --seq-len)")
     c.add_argument("--pairs-grid", nargs="+", type=int, help="mqar: numbers of pairs (default: --pairs)")
     c.add_argument("--no-match-params", action="store_true", help="keep each preset's own parameter count")
+
+    h = sub.add_parser("lm-eval", help="run lm-eval-harness tasks on a text checkpoint (the lm-eval extra)",
+                       description="Evaluate a text checkpoint with lm-eval-harness through the Hugging Face "
+                       "wrapper (pip install \"lm-eval[hf]\"): lm_eval's tasks, or your YAML tasks in "
+                       "--include-path (a task over a local JSONL file needs no network).")
+    h.add_argument("checkpoint", help="run folder or checkpoint folder")
+    h.add_argument("--tasks", nargs="+", required=True, help="lm_eval task names")
+    h.add_argument("--include-path", metavar="DIR", help="folder of extra task YAML files")
+    h.add_argument("--limit", type=int, default=None, help="at most this many documents per task")
+    h.add_argument("--batch-size", type=int, default=1)
+    _device_args(h)
+    h.add_argument("--json", metavar="FILE", help="also write lm_eval's results as JSON")
 
     b = sub.add_parser("bench", help="run bench/ops.py (memory op) or bench/decode.py (decode speed)",
                        description="Run a benchmark script of the repository, passing the remaining arguments: "
@@ -166,7 +184,7 @@ def _train_args_from(ns, preset_name: str, out: str, **extra):
               weight_decay=ns.weight_decay, clip=ns.clip, seed=ns.seed, eval_every=ns.eval_every,
               eval_batches=ns.eval_batches, log_every=ns.log_every, out=out, device=ns.device,
               threads=ns.threads, plot=not ns.no_plot, quiet=ns.quiet)
-    for name in ("save_every", "resume", "stop_at", "fsdp", "match_params"):
+    for name in ("save_every", "resume", "stop_at", "fsdp", "match_params", "overwrite"):
         if hasattr(ns, name):
             kw[name] = getattr(ns, name)
     kw.update(extra)
@@ -226,8 +244,9 @@ def _task_from_meta(meta: dict, seq_len=None, pairs=None):
 
 def cmd_eval(ns) -> int:
     import torch
-    from .trainer import evaluate, fmt, load_model, pick_device
+    from .trainer import evaluate, fmt, load_model, pick_device, set_threads
     device = pick_device(ns.device)
+    set_threads(ns.threads)
     model, meta = load_model(ns.checkpoint, device)
     results = {}
     for length in ns.lengths or [meta["task"]["seq_len"]]:
@@ -244,9 +263,13 @@ def cmd_eval(ns) -> int:
 def cmd_generate(ns) -> int:
     import torch
     from ..tasks import Tokenizer
-    from .trainer import load_model, pick_device
+    from .trainer import load_model, pick_device, set_threads
     device = pick_device(ns.device)
+    set_threads(ns.threads)
     model, meta = load_model(ns.checkpoint, device)
+    if meta["task"]["task"] != "lm":
+        print(f"miras generate: warning: {ns.checkpoint} is a model of the {meta['task']['task']} task, not a text "
+              "model: its tokens are that task's symbols, printed here as bytes", file=sys.stderr)
     tok = Tokenizer(meta["train"].get("tokenizer", "bytes"))
     ids = tok.encode(ns.prompt)
     if not ids:
@@ -255,6 +278,19 @@ def cmd_generate(ns) -> int:
     out = model.eval().generate(torch.tensor([ids], device=device), ns.max_new_tokens, ns.temperature, ns.top_k,
                                 ns.top_p, ns.greedy, g)
     print(tok.decode(out[0].tolist()))
+    return 0
+
+
+def cmd_lm_eval(ns) -> int:
+    from .harness import evaluate
+    from .trainer import pick_device, set_threads
+    device = pick_device(ns.device)
+    set_threads(ns.threads)
+    res = evaluate(ns.checkpoint, ns.tasks, ns.include_path, ns.limit, str(device), ns.batch_size)
+    for task, metrics in res["results"].items():
+        print(f"{task}: " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
+    if ns.json:
+        Path(ns.json).write_text(json.dumps(res["results"], indent=1, default=str) + "\n")
     return 0
 
 
@@ -279,28 +315,39 @@ def cmd_bench(ns) -> int:
     return subprocess.call([sys.executable, str(script), *ns.rest])
 
 
-COMMANDS = dict(train=cmd_train, eval=cmd_eval, generate=cmd_generate, compare=cmd_compare, bench=cmd_bench)
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "compare": cmd_compare,
+            "lm-eval": cmd_lm_eval, "bench": cmd_bench}
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .checkpoint import CheckpointError
     from .trainer import Diverged, UsageError
     parser = build_parser()
+    cmd = "miras"
     try:
-        ns = parser.parse_args(argv)
+        ns, extra = parser.parse_known_args(argv)
         if ns.command is None:
+            if extra:
+                parser.error(f"unrecognized arguments: {' '.join(extra)}")
             parser.print_help()
             return 0
+        cmd = f"miras {ns.command}"
+        if extra:  # reported by the subcommand, whose --help lists its options
+            raise CLIError(f"{cmd}: unrecognized arguments: {' '.join(extra)} (see {cmd} --help)")
         if getattr(ns, "seq_len", None) is not None and ns.seq_len < 2:
-            raise CLIError(f"miras {ns.command}: --seq-len must be >= 2, got {ns.seq_len}")
+            raise CLIError(f"{cmd}: --seq-len must be >= 2, got {ns.seq_len} (see {cmd} --help)")
+        if getattr(ns, "threads", 0) < 0:
+            raise CLIError(f"{cmd}: --threads must be >= 0, got {ns.threads} (see {cmd} --help)")
         return COMMANDS[ns.command](ns)
     except CLIError as e:
         print(e, file=sys.stderr)
         return 2
-    except (UsageError, DataError, ValueError, FileNotFoundError, Diverged) as e:
+    except (UsageError, DataError, ValueError, FileNotFoundError, ImportError, Diverged) as e:
         if os.environ.get("MIRAS_DEBUG"):
             raise
-        cmd = f"miras {ns.command}" if "ns" in locals() and getattr(ns, "command", None) else "miras"
-        print(f"{cmd}: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        hint = "" if isinstance(e, (Diverged, CheckpointError, DataError, ImportError)) else f" (see {cmd} --help)"
+        print(f"{cmd}: error: {msg}{hint}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("miras: interrupted", file=sys.stderr)

@@ -6,7 +6,9 @@ import json
 import time
 from pathlib import Path
 
-from .trainer import Diverged, Trainer, count, make_config, make_task
+from .checkpoint import has_run
+from .progress import Progress, duration
+from .trainer import Diverged, Trainer, UsageError, count, make_config, make_task
 
 
 def run_compare(ns) -> int:
@@ -25,29 +27,33 @@ def run_compare(ns) -> int:
         vocab = make_task(probe).vocab_size
         target = max(count(make_config(_train_args_from(ns, p, str(out), seq_len=max(lengths)), vocab))
                      for p in ns.presets)
-    rows = []
-    for name in ns.presets:
-        for L, P in cells:
-            tag = f"{name}-L{L}" + (f"-P{P}" if P else "")
-            a = _train_args_from(ns, name, str(out / tag), seq_len=L, match_params=target,
-                                 **({"pairs": P} if P else {}))
-            a.quiet = True
-            t0 = time.time()
-            tr = Trainer(a)
-            try:
-                res = tr.run()
-            except Diverged as e:  # one model's divergence is a result of the comparison, not its end
-                rows.append(dict(preset=name, seq_len=L, pairs=P, parameters=tr.n_params, diverged=str(e),
-                                 seconds=round(time.time() - t0, 1)))
-                print(f"  {tag:<28} params {tr.n_params:>8,}  diverged: {e}", flush=True)
-                continue
-            ev = res["last"]
-            row = dict(preset=name, seq_len=L, pairs=P, parameters=res["parameters"], tokens=res["tokens"],
-                       seconds=round(time.time() - t0, 1), **ev)
-            rows.append(row)
-            print(f"  {tag:<28} params {row['parameters']:>8,}  loss {ev['loss']:.3f}  accuracy {ev['accuracy']:.1%}"
+    runs = [(name, L, P, f"{name}-L{L}" + (f"-P{P}" if P else "")) for name in ns.presets for L, P in cells]
+    taken = [tag for *_, tag in runs if has_run(out / tag)]
+    if taken and not ns.overwrite:
+        raise UsageError(f"out: {out} already holds runs of a comparison ({', '.join(taken[:3])}"
+                         f"{', ...' if len(taken) > 3 else ''}); pass --overwrite to replace them")
+    rows, started = [], time.time()
+    for i, (name, L, P, tag) in enumerate(runs):
+        a = _train_args_from(ns, name, str(out / tag), seq_len=L, match_params=target,
+                             **({"pairs": P} if P else {}))
+        prog = Progress(a.steps, a.log_every, ns.quiet, prefix=f"[{i + 1}/{len(runs)}] {tag}  ", details=False)
+        t0 = time.time()
+        tr = Trainer(a)
+        try:
+            res = tr.run(prog)
+        except Diverged as e:  # one model's divergence is a result of the comparison, not its end
+            rows.append(dict(preset=name, seq_len=L, pairs=P, parameters=tr.n_params, diverged=str(e),
+                             seconds=round(time.time() - t0, 1)))
+            prog.line(f"  {tag:<28} params {tr.n_params:>8,}  diverged: {e}", always=True)
+            continue
+        ev = res["last"]
+        row = dict(preset=name, seq_len=L, pairs=P, parameters=res["parameters"], tokens=res["tokens"],
+                   seconds=round(time.time() - t0, 1), **ev)
+        rows.append(row)
+        left = (time.time() - started) / (i + 1) * (len(runs) - i - 1)
+        prog.line(f"  {tag:<28} params {row['parameters']:>8,}  loss {ev['loss']:.3f}  accuracy {ev['accuracy']:.1%}"
                   + "".join(f"  {k[9:]} {v:.0%}" for k, v in ev.items() if k.startswith("accuracy/"))
-                  + f"  ({row['seconds']:.0f} s)", flush=True)
+                  + f"  ({row['seconds']:.0f} s; {len(runs) - i - 1} to go, about {duration(left)})", always=True)
     (out / "compare.json").write_text(json.dumps(dict(task=ns.task, steps=ns.steps, batch_size=ns.batch_size,
                                                       rows=rows), indent=1) + "\n")
     print()

@@ -12,10 +12,9 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -27,6 +26,11 @@ from ..models import MirasConfig, MirasForCausalLM, preset
 from ..models.miras_layer import LowRankGate
 from ..tasks import IGNORE, MQAR, SNIAH, Task, TextLM, answer_accuracy
 from ..tasks.text import bits_per_byte
+from . import checkpoint
+from .progress import Progress
+
+
+TOKENIZER = "tokenizer.json"  # a trained BPE, kept in the checkpoint
 
 
 class Diverged(RuntimeError):
@@ -69,6 +73,7 @@ class TrainArgs:
     log_every: int = 10
     out: str = "runs/train"
     resume: bool = False
+    overwrite: bool = False                           # replace a run already in `out`
     stop_at: int | None = None                        # stop (and save) at this step, as if interrupted
     device: str = "auto"
     threads: int = 0
@@ -219,82 +224,52 @@ def full_state_dict(model: nn.Module) -> dict:
     return inner.state_dict()
 
 
-def save_checkpoint(path: Path, model, optimizer, step: int, meta: dict, extra: dict) -> None:
+def save_checkpoint(run: Path, model, optimizer, step: int, meta: dict, extra: dict, bpe=None) -> None:
+    """Write run/checkpoint.new (rank 0 the weights, config and a trained BPE `bpe` as tokenizer.json, every
+    FSDP rank its optimizer shard) and swap it in for run/checkpoint (cli/checkpoint.py)."""
     from safetensors.torch import save_file
     rank, world, _ = dist_env()
     state = full_state_dict(model)
     opt_state = optimizer.state_dict()
+    tmp = run / checkpoint.STAGING
     if rank == 0:
-        path.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.mkdir(parents=True, exist_ok=True)
+        checkpoint.staging(run)
         save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp / "model.safetensors"))
         (tmp / "config.json").write_text(json.dumps(meta, indent=1, default=str) + "\n")
+        if bpe is not None:
+            bpe.save(str(tmp / TOKENIZER))
     if world > 1:
         dist.barrier()
     if rank == 0 or any(type(p).__name__ == "DTensor" for p in unwrap(model).parameters()):
         name = "trainer.pt" if world == 1 or rank == 0 else f"trainer-rank{rank}.pt"
-        tmp = path.with_name(path.name + ".tmp")
         torch.save(dict(step=step, optimizer=opt_state, rng=torch.get_rng_state(), **extra), tmp / name)
     if world > 1:
         dist.barrier()
     if rank == 0:
-        import shutil
-        if path.exists():
-            shutil.rmtree(path)
-        tmp.rename(path)
+        checkpoint.commit(run, step)
     if world > 1:
         dist.barrier()
 
 
-def find_checkpoint(path: str | Path) -> Path:
-    p = Path(path)
-    if not p.exists():
-        raise UsageError(f"checkpoint: {p} does not exist")
-    if (p / "checkpoint" / "model.safetensors").exists():
-        return p / "checkpoint"
-    if (p / "model.safetensors").exists():
-        return p
-    raise UsageError(f"checkpoint: {p} holds no model.safetensors (nor checkpoint/model.safetensors)")
-
-
 def load_model(path: str | Path, device="cpu") -> tuple[MirasForCausalLM, dict]:
-    """The model of a checkpoint (a run folder or its checkpoint/ folder) and the checkpoint's config.json."""
-    from safetensors.torch import load_file
-    ckpt = find_checkpoint(path)
-    meta = json.loads((ckpt / "config.json").read_text())
+    """The model of a checkpoint (a run folder or its checkpoint/ folder) and the checkpoint's config.json,
+    after checking every file against the checkpoint's manifest."""
+    ckpt = checkpoint.find_checkpoint(path)
+    checkpoint.verify(ckpt)
+    meta = checkpoint.load_json(ckpt / "config.json")
+    if (ckpt / TOKENIZER).exists():  # the run's trained BPE: load it rather than train it again
+        meta["train"]["tokenizer"] = str(ckpt / TOKENIZER)
     model = MirasForCausalLM(MirasConfig.from_dict(meta["model"]))
-    model.load_state_dict(load_file(str(ckpt / "model.safetensors"), device=str(device)))
+    model.load_state_dict(checkpoint.load_tensors(ckpt / "model.safetensors", device))
     return model.to(device), meta
 
 
 # ------------------------------------------------------------------------------------------ training
 
-class Progress:
-    """A one-line progress display on a terminal, plain lines every log_every steps otherwise."""
-
-    def __init__(self, total: int, every: int, quiet: bool):
-        self.total, self.every, self.quiet = total, every, quiet
-        self.tty = sys.stdout.isatty()
-
-    def update(self, step: int, loss: float, lr: float, tps: float) -> None:
-        if self.quiet:
-            return
-        msg = f"step {step:>5}/{self.total}  loss {loss:.4f}  lr {lr:.2e}  {tps:,.0f} tok/s"
-        if self.tty:
-            bar = int(20 * step / self.total)
-            print(f"\r[{'#' * bar}{'.' * (20 - bar)}] {msg}", end="", flush=True)
-            if step == self.total:
-                print()
-        elif step % self.every == 0 or step == self.total:
-            print(msg, flush=True)
-
-    def line(self, msg: str) -> None:
-        if self.quiet:
-            return
-        if self.tty:
-            print("\r\033[K", end="")
-        print(msg, flush=True)
+def set_threads(n: int) -> None:
+    """torch's CPU thread count (0: leave torch's choice)."""
+    if n:
+        torch.set_num_threads(n)
 
 
 def pick_device(name: str) -> torch.device:
@@ -308,8 +283,7 @@ def pick_device(name: str) -> torch.device:
 class Trainer:
     def __init__(self, a: TrainArgs, task: Task | None = None):
         self.a = a
-        if a.threads:
-            torch.set_num_threads(a.threads)
+        set_threads(a.threads)
         if a.steps < 1:
             raise UsageError(f"steps: expected >= 1, got {a.steps}")
         self.device = pick_device(a.device)
@@ -319,6 +293,10 @@ class Trainer:
             raise UsageError(f"batch-size: {a.batch_size} is not divisible by world size x grad-accum = "
                              f"{self.world} x {a.grad_accum}")
         self.micro = a.batch_size // (self.world * a.grad_accum)
+        self.out = Path(a.out)
+        saved = checkpoint.newest(self.out) if a.resume else None
+        if saved is not None and (saved / TOKENIZER).exists():  # continue with the BPE the run trained
+            a = replace(a, tokenizer=str(saved / TOKENIZER))
         try:
             self.task = task or make_task(a)
         except ValueError as e:
@@ -335,7 +313,6 @@ class Trainer:
                                            weight_decay=a.weight_decay)
         self.autocast = ((lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if self.device.type == "cuda"
                          else nullcontext)
-        self.out = Path(a.out)
         self.step, self.tokens, self.elapsed = 0, 0, 0.0
 
     # -- pieces the tests drive directly
@@ -402,18 +379,23 @@ class Trainer:
                     train=args, parameters=self.n_params)
 
     def save(self) -> None:
-        save_checkpoint(self.out / "checkpoint", self.wrapped, self.optimizer, self.step, self.meta(),
-                        dict(tokens=self.tokens, elapsed=self.elapsed))
+        save_checkpoint(self.out, self.wrapped, self.optimizer, self.step, self.meta(),
+                        dict(tokens=self.tokens, elapsed=self.elapsed),
+                        self.task.tokenizer.bpe if isinstance(self.task, TextLM) else None)
 
     def load(self) -> None:
-        from safetensors.torch import load_file
-        ckpt = self.out / "checkpoint"
-        if not (ckpt / "model.safetensors").exists():
-            raise UsageError(f"resume: {ckpt} holds no checkpoint")
-        meta = json.loads((ckpt / "config.json").read_text())
+        if self.rank == 0:
+            checkpoint.recover(self.out)
+        if self.world > 1:
+            dist.barrier()   # rank 0 has finished an interrupted swap
+        ckpt = self.out / checkpoint.CURRENT
+        if not ckpt.is_dir():
+            raise UsageError(f"resume: {self.out} holds no checkpoint")
+        checkpoint.verify(ckpt)
+        meta = checkpoint.load_json(ckpt / "config.json")
         if meta["model"] != self.config.to_dict():
             raise UsageError(f"resume: the checkpoint in {ckpt} is of another model configuration")
-        state = load_file(str(ckpt / "model.safetensors"))
+        state = checkpoint.load_tensors(ckpt / "model.safetensors")
         if self.a.fsdp and self.world > 1:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
             set_model_state_dict(self.model, state, options=StateDictOptions(full_state_dict=True))
@@ -421,7 +403,7 @@ class Trainer:
         else:
             self.model.load_state_dict(state)
             name = "trainer.pt"
-        tr = torch.load(ckpt / name, weights_only=False)
+        tr = checkpoint.load_pickle(ckpt / name)
         self.optimizer.load_state_dict(tr["optimizer"])
         torch.set_rng_state(tr["rng"])
         self.step, self.tokens, self.elapsed = tr["step"], tr["tokens"], tr["elapsed"]
@@ -431,20 +413,25 @@ class Trainer:
             with open(self.out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
 
-    def run(self) -> dict:
-        """Train to a.steps (or a.stop_at); returns the first and last evaluations."""
+    def run(self, prog: Progress | None = None) -> dict:
+        """Train to a.steps (or a.stop_at); returns the first and last evaluations. prog: how to show
+        progress (default: per a.quiet and a.log_every)."""
         a = self.a
+        if not (a.resume or a.overwrite) and checkpoint.has_run(self.out):
+            raise UsageError(f"out: {self.out} already holds a run; pass --resume to continue it or --overwrite "
+                             "to replace it")
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
+            if a.overwrite and not a.resume:
+                checkpoint.clear_run(self.out)
         metrics = self.out / "metrics.jsonl"
         if a.resume:
             self.load()
             if self.rank == 0 and metrics.exists():   # drop what was logged after the checkpoint
                 keep = [line for line in metrics.read_text().splitlines() if json.loads(line)["step"] <= self.step]
                 metrics.write_text("".join(line + "\n" for line in keep))
-        elif self.rank == 0 and metrics.exists():
-            metrics.unlink()
-        prog = Progress(a.steps, a.log_every, a.quiet or self.rank != 0)
+        prog = prog or Progress(a.steps, a.log_every, a.quiet)
+        prog.quiet = prog.quiet or self.rank != 0
         prog.line(f"{a.preset} ({a.size}, {self.n_params:,} parameters) on {self.task.describe()}; "
                   f"{a.steps} steps x {a.batch_size} sequences on {self.device}"
                   f"{f' x {self.world} processes' + (' (FSDP2)' if a.fsdp else ' (DDP)') if self.world > 1 else ''}"
@@ -456,6 +443,7 @@ class Trainer:
             prog.line(f"step     0  eval " + fmt(first))
         last = first
         stop = min(a.stop_at or a.steps, a.steps)
+        prog.start(self.step)
         while self.step < stop:
             rec = self.train_step()
             self.log(rec)

@@ -11,6 +11,7 @@ from torch import nn
 from .attention import Attention
 from .cache import Cache
 from .config import MirasConfig
+from .lm_inputs import check_lm_inputs
 from .miras_layer import MirasLayer
 from .norm import RMSNorm, SwiGLU
 
@@ -80,13 +81,10 @@ class MirasForCausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, cache: Cache | None = None,
                 use_cache: bool = False, cu_seqlens: torch.Tensor | None = None) -> CausalLMOutput:
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids: expected [B, T], got shape {list(input_ids.shape)}")
+        check_lm_inputs(input_ids, labels, cu_seqlens, self.config.vocab_size)
         if cu_seqlens is not None and (cache is not None or use_cache):
             raise ValueError("cu_seqlens: packed sequences are for training and scoring; decode with a padded "
                              "batch of equal-length prompts (cache with cu_seqlens is not supported)")
-        if cu_seqlens is not None and input_ids.shape[0] != 1:
-            raise ValueError(f"cu_seqlens: packed sequences need B = 1, got B = {input_ids.shape[0]}")
         if use_cache and cache is None:
             cache = Cache.empty(len(self.blocks))
         offset = cache.seen if cache is not None else 0

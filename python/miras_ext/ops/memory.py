@@ -17,6 +17,7 @@ import dataclasses
 import torch
 
 from ..inputs import check_call, chunk_phase
+from ..nonfinite import causal
 from ..spec import MemorySpec
 from ..state import MemoryState
 
@@ -45,6 +46,7 @@ def checkpoint_rows(n: int, t: int, chunk_size: int, lag_token: bool, varlen: bo
     return (chunks + 2 * n if varlen else n * (chunks + 1)) * factor
 
 
+@causal
 def memory_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: MemorySpec, lr: torch.Tensor,
                    alpha: torch.Tensor | None = None, momentum: torch.Tensor | None = None,
                    delta: torch.Tensor | None = None, *, scale: float = 1.0, initial_state=None,
@@ -72,6 +74,10 @@ def memory_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: Memo
         o [B, T, H, Dv] and the final MemoryState (None unless output_final_state); states are in the
         compute dtype, [N, H, *shape].
 
+    Non-finite values (NaN or infinite k or v, or an inner gradient that overflows): the outputs from the
+    first bad token on are non-finite, those before it are the outputs of the finite prefix
+    (miras_ext.nonfinite). The gates must be finite.
+
     Raises:
         ValueError naming the argument, the same as reference.chunked.
 
@@ -94,7 +100,7 @@ def memory_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: Memo
     o, memory, mom, anchor, position, _ = torch.ops.miras_ext.memory_chunk_fwd(
         q, k, v, g["lr"], g["alpha"], g["momentum"], g["delta"], list(st.memory), list(st.momentum),
         list(st.anchor), st.position, cu_seqlens, spec.encode(), float(scale), chunk_size, save)
-    state = MemoryState(tuple(memory), tuple(mom), tuple(anchor), position) if output_final_state else None
+    state = MemoryState(tuple(memory), tuple(mom), tuple(anchor), position, chunk_size) if output_final_state else None
     return o, state
 
 
@@ -106,7 +112,8 @@ def memory_step(q_t: torch.Tensor, k_t: torch.Tensor, v_t: torch.Tensor, spec: M
 
     q_t, k_t: [B, H, Dk]; v_t: [B, H, Dv]; gates [B, H] or [B, H, Dv] (delta as in memory_forward without
     the T axis). state: the MemoryState of the previous call (or an initial state as in memory_forward);
-    chunk_size must be the one the state was produced with, so that the step continues its chunk.
+    chunk_size must be the one the state was produced with, so that the step continues its chunk (a
+    MemoryState records it; another one is a ValueError).
     Returns o_t [B, H, Dv] and the MemoryState after the token.
 
     Example:

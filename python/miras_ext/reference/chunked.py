@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from ..inputs import check_call, chunk_phase
+from ..nonfinite import causal
 from ..spec import MemorySpec
 from ..state import MemoryState
 from .memory import activation, apply, gate_view, layer_norm, linear, token_gradients
@@ -145,6 +146,7 @@ class _Chunk:
         return x + layer_norm(spec, h) if spec.memory == "mlp" and spec.residual_norm else h
 
 
+@causal
 def chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: MemorySpec, lr: torch.Tensor,
             alpha: torch.Tensor | None = None, momentum: torch.Tensor | None = None,
             delta: torch.Tensor | None = None, *, scale: float = 1.0, initial_state=None,
@@ -154,7 +156,8 @@ def chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: MemorySpec,
 
     Chunks are aligned to each sequence's start (position 0 of its state); the final state carries the
     current chunk's anchor so that a later call, for example decoding one token at a time, continues
-    exactly where one call over the whole sequence would be.
+    exactly where one call over the whole sequence would be. A non-finite value at a token (in k, v or an
+    inner gradient) changes no output before it (miras_ext.nonfinite).
     """
     call = check_call(q, k, v, lr, alpha, momentum, delta, spec, scale, initial_state, chunk_size, cu_seqlens)
     shapes = spec.weight_shapes(q.shape[-1], v.shape[-1])

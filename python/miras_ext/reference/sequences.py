@@ -7,20 +7,9 @@ from typing import Callable
 import torch
 
 from ..inputs import Call
-from ..state import MemoryState
+from ..state import MemoryState, concat, select
 
 Dense = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, dict, MemoryState], tuple[torch.Tensor, MemoryState]]
-
-
-def _select(state: MemoryState, i: int) -> MemoryState:
-    pick = lambda ts: tuple(t[i:i + 1] for t in ts)  # noqa: E731
-    return MemoryState(pick(state.memory), pick(state.momentum), pick(state.anchor), state.position[i:i + 1])
-
-
-def _concat(states: list[MemoryState]) -> MemoryState:
-    cat = lambda parts: tuple(torch.cat(p) for p in zip(*parts))  # noqa: E731
-    return MemoryState(cat([s.memory for s in states]), cat([s.momentum for s in states]),
-                       cat([s.anchor for s in states]), torch.cat([s.position for s in states]))
 
 
 def run(dense: Dense, call: Call, cu_seqlens: torch.Tensor | None, output_final_state: bool
@@ -34,8 +23,8 @@ def run(dense: Dense, call: Call, cu_seqlens: torch.Tensor | None, output_final_
         outs, states = [], []
         for i, (s, e) in enumerate(zip(bounds, bounds[1:])):
             gates = {n: None if g is None else g[:, s:e] for n, g in call.gates.items()}
-            o, st = dense(call.q[:, s:e], call.k[:, s:e], call.v[:, s:e], gates, _select(call.state, i))
+            o, st = dense(call.q[:, s:e], call.k[:, s:e], call.v[:, s:e], gates, select(call.state, i))
             outs.append(o)
             states.append(st)
-        o, state = torch.cat(outs, dim=1), _concat(states)
-    return o.to(call.out_dtype), (state if output_final_state else None)
+        o, state = torch.cat(outs, dim=1), concat(states)
+    return o.to(call.out_dtype), (state._replace(chunk_size=call.chunk_size) if output_final_state else None)

@@ -1,7 +1,8 @@
 """Causal language modelling on text: the default offline corpus (this interpreter's standard-library .py
 sources, docstrings included), local text files or folders, or a Hugging Face dataset (needs `datasets` and
-the network). Byte-level tokens by default (0..255, BOS = 256, PAD = 257); `tokenizer=NAME` uses any
-tokenizer transformers.AutoTokenizer can load.
+the network). Byte-level tokens by default (0..255, BOS = 256, PAD = 257); `tokenizer="bpe:N"` trains a
+byte-level BPE of N tokens on the training text (HF `tokenizers`, offline; a checkpoint keeps it as
+tokenizer.json); `tokenizer=NAME` uses any tokenizer transformers.AutoTokenizer can load.
 
 Batches are windows of seq_len tokens at offsets drawn from a generator seeded by (seed, split, step), so a
 batch is a pure function of its step. Files are split into train and validation by name (every 20th file,
@@ -90,13 +91,65 @@ def hf_texts(name: str, max_bytes: int) -> tuple[list[str], list[str]]:
     return texts[cut:], texts[:cut]
 
 
-class Tokenizer:
-    """Bytes (default) or a transformers tokenizer by name."""
+SPECIALS = ("<bos>", "<pad>")  # the specials of the byte and BPE vocabularies, after the byte tokens
 
-    def __init__(self, name: str = "bytes"):
-        self.name = name
+
+def byte_chars() -> list[str]:
+    """The character byte-level BPE (GPT-2's ByteLevel, as in HF `tokenizers`) writes for each byte 0..255:
+    printable Latin-1 bytes stand for themselves, the others for code points from 256 on."""
+    keep = {*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), 256)}
+    out, extra = [], 0
+    for b in range(256):
+        out.append(chr(b) if b in keep else chr(256 + extra))
+        extra += b not in keep
+    return out
+
+
+def _byte_level(model):
+    """A tokenizers.Tokenizer over `model` with the byte-level pre-tokenizer and decoder and our specials."""
+    from tokenizers import Tokenizer as Fast
+    from tokenizers import decoders, pre_tokenizers
+    tok = Fast(model)
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    return tok
+
+
+def train_bpe(texts: list[str], vocab_size: int):
+    """A byte-level BPE with vocab_size tokens (bytes, specials, merges) trained on texts, offline."""
+    try:
+        from tokenizers import models, pre_tokenizers, trainers
+    except ImportError:
+        raise DataError("tokenizer: bpe:N needs the `tokenizers` package (pip install tokenizers)") from None
+    tok = _byte_level(models.BPE())
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIALS), show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer=trainer)
+    return tok
+
+
+class Tokenizer:
+    """Bytes (default: ids 0..255, then BOS, PAD); "bpe:N", a byte-level BPE of N tokens trained with HF
+    `tokenizers` on `texts` (the training text); a tokenizer.json file (how a checkpoint keeps its BPE); or a
+    transformers tokenizer by name."""
+
+    def __init__(self, name: str = "bytes", texts: list[str] | None = None):
+        self.name, self.tok, self.bpe = name, None, None
         if name == "bytes":
-            self.tok, self.vocab_size, self.bos = None, BYTE_VOCAB, BOS
+            self.vocab_size, self.bos = BYTE_VOCAB, BOS
+            return
+        if name.startswith("bpe:"):
+            size = name[4:]
+            if not size.isdigit() or int(size) < BYTE_VOCAB:
+                raise DataError(f"tokenizer: expected bpe:N with N >= {BYTE_VOCAB} (bytes and specials), got {name!r}")
+            if texts is None:
+                raise DataError(f"tokenizer: {name} is trained on a training text; none was given")
+            self.bpe = train_bpe(texts, int(size))
+        elif name.endswith(".json") and Path(name).is_file():
+            from tokenizers import Tokenizer as Fast
+            self.bpe = Fast.from_file(name)
+        if self.bpe is not None:
+            self.vocab_size, self.bos = self.bpe.get_vocab_size(), self.bpe.token_to_id(SPECIALS[0])
             return
         try:
             from transformers import AutoTokenizer
@@ -108,15 +161,35 @@ class Tokenizer:
         self.bos = self.tok.bos_token_id if self.tok.bos_token_id is not None else self.tok.eos_token_id
 
     def encode(self, text: str) -> list[int]:
+        if self.bpe is not None:
+            return self.bpe.encode(text, add_special_tokens=False).ids
         if self.tok is None:
             return list(text.encode("utf-8"))
         return self.tok.encode(text, add_special_tokens=False)
 
     def decode(self, ids) -> str:
         ids = [int(i) for i in ids]
+        if self.bpe is not None:
+            return self.bpe.decode(ids)
         if self.tok is None:
             return bytes(i for i in ids if 0 <= i < 256).decode("utf-8", errors="replace")
         return self.tok.decode(ids)
+
+    def hf(self):
+        """The same tokenizer as a transformers tokenizer (for the Hugging Face wrapper and lm-eval); BOS
+        also ends a document (documents are joined as BOS text BOS text ...)."""
+        if self.tok is not None:
+            return self.tok
+        from transformers import PreTrainedTokenizerFast
+        if self.bpe is None:  # bytes: a BPE without merges whose vocabulary is the byte characters
+            from tokenizers import models
+            vocab = {c: b for b, c in enumerate(byte_chars())} | {s: BOS + i for i, s in enumerate(SPECIALS)}
+            fast = _byte_level(models.BPE(vocab=vocab, merges=[]))
+            fast.add_special_tokens(list(SPECIALS))
+        else:
+            fast = self.bpe
+        return PreTrainedTokenizerFast(tokenizer_object=fast, bos_token=SPECIALS[0], eos_token=SPECIALS[0],
+                                       pad_token=SPECIALS[1])
 
 
 def stream(texts: list[str], tok: Tokenizer) -> torch.Tensor:
@@ -141,8 +214,6 @@ class TextLM(Task):
             raise ValueError(f"seq_len: expected >= 2, got {seq_len}")
         self.seq_len, self.data, self.hf_dataset, self.seed = seq_len, data, hf_dataset, seed
         self.max_bytes = max_bytes
-        self.tokenizer = Tokenizer(tokenizer)
-        self.vocab_size = self.tokenizer.vocab_size
         if hf_dataset:
             train, val = hf_texts(hf_dataset, max_bytes)
             self.source = f"hf:{hf_dataset}"
@@ -158,6 +229,8 @@ class TextLM(Task):
                 text = "\n".join(read_texts(files, max_bytes))
                 cut = len(text) * 19 // 20
                 train, val = [text[:cut]], [text[cut:]]
+        self.tokenizer = Tokenizer(tokenizer, train)
+        self.vocab_size = self.tokenizer.vocab_size
         self.train_ids, self.val_ids = stream(train, self.tokenizer), stream(val, self.tokenizer)
         for split, ids in (("train", self.train_ids), ("validation", self.val_ids)):
             if ids.numel() <= seq_len:
