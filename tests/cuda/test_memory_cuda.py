@@ -201,7 +201,7 @@ CASES = [
     ("matrix-hubernorm-momentum-lag", MemorySpec(memory="matrix", bias="huber_norm", retention="l2",
                                                  algorithm="momentum", lag_token=True), dict(dv=6)),
     ("moneta-perch", MemorySpec(**{**memory_ops.MONETA, **MLP2}), dict(per_channel=True)),
-    ("yaad", MemorySpec(**{**memory_ops.YAAD, **MLP2}, eps=SMOOTH), {}),
+    ("yaad", MemorySpec(**{**memory_ops.YAAD, **MLP2, "eps": SMOOTH}), {}),
     ("memora", MemorySpec(**{**memory_ops.MEMORA, **MLP2}), {}),
     ("titans-perch", MemorySpec(**{**memory_ops.TITANS, **MLP2}), dict(per_channel=True)),
     ("mlp-valueshift-elastic-silu", MemorySpec(**MLP2, bias="value_shift", eps=SMOOTH, retention="elastic_net",
@@ -239,7 +239,7 @@ HEAD_SPECS = [
     pytest.param(MemorySpec(**memory_ops.GATED_DELTA), {}, id="gated-delta"),
     pytest.param(MemorySpec(memory="mlp", bias="l2", retention="l2"), {"per_channel": True, "alpha": (0.98, 1.0)},
                  id="mlp-l2-perch"),
-    pytest.param(MemorySpec(**memory_ops.YAAD, eps=SMOOTH), {}, id="yaad"),
+    pytest.param(MemorySpec(**{**memory_ops.YAAD, "eps": SMOOTH}), {}, id="yaad"),
 ]
 
 
@@ -333,7 +333,7 @@ def test_cu_seqlens_from_states_mid_chunk():
 
 @pytest.mark.parametrize("dtype", [pytest.param(torch.float64, id="float64"), pytest.param(torch.float32, id="float32")])
 @pytest.mark.parametrize("spec, kw", [
-    pytest.param(MemorySpec(**{**memory_ops.YAAD, **MLP2}, eps=SMOOTH, algorithm="momentum"), {"per_channel": True},
+    pytest.param(MemorySpec(**{**memory_ops.YAAD, **MLP2, "eps": SMOOTH}, algorithm="momentum"), {"per_channel": True},
                  id="yaad-momentum-perch"),
     pytest.param(MemorySpec(**memory_ops.GATED_DELTA), {"dv": 6}, id="gated-delta"),
     pytest.param(MemorySpec(**{**memory_ops.MEMORA, **MLP2}), {}, id="memora-lag"),
