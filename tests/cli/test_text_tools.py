@@ -126,6 +126,6 @@ def test_lm_eval_runs_on_a_checkpoint(corpus, tmp_path, monkeypatch):
     assert len(res["samples"]["miras_local_choice"]) == len(DOCS)
     for sample in res["samples"]["miras_local_choice"]:
         theirs = [float(r[0][0]) for r in sample["resps"]]
-            # float32 on both sides with other batch shapes: the tiny Yaad forward is ~4e-4 (relative) from
-            # float64 (docs/models.md, Precision), so agreement is asked to 1e-3.
+        # float32 on both sides with other batch shapes: the tiny Yaad forward is ~4e-4 (relative) from
+        # float64 (docs/models.md, Precision), so agreement is asked to 1e-3.
         assert theirs == pytest.approx(ours[sample["doc_id"]], rel=1e-3, abs=1e-3)
