@@ -8,18 +8,19 @@ from ..ops.memory import DELTA, GATED_DELTA, LINEAR_ATTENTION, MEMORA, MONETA, T
 from ..spec import MemorySpec
 from .config import MirasConfig
 
-# Miras models: channel-wise gates, lr = lr_max sigmoid, alpha = sigmoid (bias +4). The residual-LayerNorm
-# memory amplifies an inner step by 1 / std of its pre-norm output (docs/math.md Section 8, point 8):
-# lr_max 1e-3 for Yaad and Memora (tiny LM, 102K tokens: validation loss 2.28 / 2.36 against 4.28 / 3.41
-# at 0.1; docs/models.md). Moneta's l_q link scales W like 1 / scale(A), so lr_max sets the scale of its
-# weights rather than the size of its steps; it keeps 0.1 (4.11 at 1e-3 against 3.83).
-_MIRAS_GATES = dict(per_channel_gates=True, lr_gate="sigmoid", alpha_gate="sigmoid")
+# Miras models: channel-wise gates, lr = lr_max sigmoid, alpha = sigmoid (bias +4), chunks of 8 tokens.
+# Recall needs the inner recurrence, not one mini-batch step per chunk: Yaad on MQAR (T 64, 4 pairs, 400 x 32)
+# recalls 45% at chunk 8, 23% at 16 and nothing at 64 (docs/models.md). lr_max 1e-2 puts Yaad's and
+# Memora's inner step (5e-3 at init) below the inverse curvature of the residual-LayerNorm memory (~1/180
+# at head dim 32; docs/math.md Section 8, point 15); Moneta's l_q link sets the scale of W itself, and it
+# keeps 0.1.
+_MIRAS_GATES = dict(per_channel_gates=True, lr_gate="sigmoid", alpha_gate="sigmoid", chunk_size=8)
 _HEAD = dict(per_channel_gates=False)
 
 MODELS: dict[str, dict] = {
     "moneta": dict(memory=MemorySpec(**MONETA), lr_max=0.1, **_MIRAS_GATES),
-    "yaad": dict(memory=MemorySpec(**YAAD), lr_max=1e-3, **_MIRAS_GATES),
-    "memora": dict(memory=MemorySpec(**MEMORA), lr_max=1e-3, **_MIRAS_GATES),
+    "yaad": dict(memory=MemorySpec(**YAAD), lr_max=1e-2, **_MIRAS_GATES),
+    "memora": dict(memory=MemorySpec(**MEMORA), lr_max=1e-2, **_MIRAS_GATES),
     "transformer": dict(mixer="attention"),
     # o_t = sum_i v_i (k_i . q_t): lr = 1, no retention.
     "linear-attention": dict(memory=MemorySpec(**LINEAR_ATTENTION), lr_gate="one", **_HEAD),
