@@ -22,7 +22,8 @@ import torch
 from miras_ext.models import PRESETS, MirasForCausalLM, preset
 from miras_ext.models.miras_layer import MirasLayer
 
-RECURRENT = [p for p in PRESETS if p != "transformer"]
+# The hybrids' Miras layers are the pure models'; their attention layers are no recurrence.
+RECURRENT = [p for p in PRESETS if p != "transformer" and not p.endswith("-h")]
 
 
 def measure(name: str, t: int, dtype: torch.dtype, overrides: dict, seed: int = 0) -> dict:
