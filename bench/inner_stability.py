@@ -60,10 +60,10 @@ def run(t_len: int, bias: str, lr: float, alpha: float, ln_eps: float, smooth: f
         o = read(weights(z), k[t])
         outs.append(o)
         if t >= t_len - 50:
-            err += float((o - v[t]).norm() / v[t].norm()) / min(50, t_len)
+            err += float((o.detach() - v[t]).norm() / v[t].norm()) / min(50, t_len)
     o = torch.stack(outs)
     (gk,) = torch.autograd.grad((o * randn(*o.shape)).sum(), (k,))
-    return dict(max_grad_k=float(gk.abs().max()), memory_ratio=float(z[1].norm() / z0[1].norm()),
+    return dict(max_grad_k=float(gk.abs().max()), memory_ratio=float(z[1].detach().norm() / z0[1].detach().norm()),
                 self_recall_error=err)
 
 

@@ -42,11 +42,12 @@ def measure(name: str, t: int, dtype: torch.dtype, overrides: dict, seed: int = 
     finite = all(bool(torch.isfinite(g).all()) for g in grads)
     max_grad = max(float(g.abs().max()) for g in grads)
     final = out.cache.layers[next(i for i, b in enumerate(model.blocks) if b.kind == "miras")].memory.memory
-    ratio = math.sqrt(sum(float(w.float().square().sum()) for w in final)) / math.sqrt(
-        sum(float(w.float().square().sum()) * final[0].shape[0] for w in layer.initial_state)) \
-        if any(float(w.abs().sum()) > 0 for w in layer.initial_state) else float("nan")
+    # A zero initial state (matrix memory) has no size to compare with.
+    start = math.sqrt(sum(float(w.detach().square().sum()) for w in layer.initial_state) * final[0].shape[0])
+    ratio = math.sqrt(sum(float(w.detach().float().square().sum()) for w in final)) / start if start > 0 \
+        else float("nan")
     return dict(preset=name, T=t, dtype=str(dtype).replace("torch.", ""), finite=finite,
-                loss=float(out.loss), max_grad=max_grad, memory_ratio=ratio, seconds=round(seconds, 2))
+                loss=float(out.loss.detach()), max_grad=max_grad, memory_ratio=ratio, seconds=round(seconds, 2))
 
 
 def main(argv: list[str] | None = None) -> None:
