@@ -8,7 +8,7 @@ delta 1), then read at q = k_i with eta = 0 (no writes). Recall: the share of re
 value (cosine) is v_i; error: ||o - v|| / ||v||. Exact recurrence (chunk 1), float32, 16 sequences.
 
 A model can only learn MQAR once its gates reach an eta where its memory recalls; the printed "init" eta is
-the one the preset's model starts with (lr_max sigmoid(0)).
+the one the preset's freshly built model starts with (models.describe.initial_gates).
 
     .venv/bin/python bench/recall_probe.py                      # N = 8 pairs
     .venv/bin/python bench/recall_probe.py --pairs 16 --v-norm 5.66
@@ -24,23 +24,19 @@ import torch.nn.functional as F
 
 import miras_ext
 from miras_ext import MemorySpec
-from miras_ext.models import preset
+from miras_ext.models.describe import initial_gates
 from miras_ext.ops.memory import GATED_DELTA, MEMORA, MONETA, TITANS, YAAD
 
 SPECS = {"moneta": MONETA, "yaad": YAAD, "memora": MEMORA, "titans": TITANS, "gated-deltanet": GATED_DELTA}
 D, E, B = 32, 4, 16
 
 
-def init_lr(name: str) -> float:
-    cfg = preset(name, "tiny")
-    return cfg.lr_max * 0.5 if cfg.lr_gate == "sigmoid" else float("nan")
-
-
-def recall(spec: MemorySpec, mlp: bool, eta: float, pairs: int, v_norm: float, seed: int) -> tuple[float, float]:
+def recall(spec: MemorySpec, eta: float, pairs: int, v_norm: float, seed: int) -> tuple[float, float]:
     gen = torch.Generator().manual_seed(seed)
     k = F.normalize(torch.randn(B, pairs, 1, D, generator=gen), dim=-1)
     v = F.normalize(torch.randn(B, pairs, 1, D, generator=gen), dim=-1) * v_norm
-    init = tuple(torch.randn(1, *s, generator=gen) / s[-1] ** 0.5 for s in spec.weight_shapes(D, D)) if mlp else None
+    init = None if spec.memory == "matrix" else tuple(
+        torch.randn(1, *s, generator=gen) / s[-1] ** 0.5 for s in spec.weight_shapes(D, D))
     kk, vv = torch.cat([k, k], 1), torch.cat([v, v], 1)
     lr = torch.cat([torch.full((B, pairs, 1), eta), torch.zeros(B, pairs, 1)], 1)
     ones = torch.ones(B, 2 * pairs, 1)
@@ -51,8 +47,7 @@ def recall(spec: MemorySpec, mlp: bool, eta: float, pairs: int, v_norm: float, s
     o = o[:, pairs:]
     sim = torch.einsum("bthd,bshd->bhts", F.normalize(o, dim=-1), F.normalize(v, dim=-1))
     acc = (sim.argmax(-1) == torch.arange(pairs)).float().mean().item()
-    err = ((o - v).norm() / v.norm()).item()
-    return acc, err if err == err else float("inf")
+    return acc, ((o - v).norm() / v.norm()).item()
 
 
 def main() -> None:
@@ -67,13 +62,13 @@ def main() -> None:
     print(f"recall of {args.pairs} pairs (chance {100 / args.pairs:.1f}%), |v| = {args.v_norm:g}")
     print(f"{'preset':<16}{'init eta':>9} " + " ".join(f"{e:>8g}" for e in args.etas))
     for name, fields in SPECS.items():
-        mlp = fields["memory"] == "mlp"
-        spec = MemorySpec(**fields, expansion=E) if mlp else MemorySpec(**fields)
-        cells = [recall(spec, mlp, eta, args.pairs, args.v_norm, args.seed) for eta in args.etas]
-        rows.append({"preset": name, "init_eta": init_lr(name),
+        spec = MemorySpec(**fields, expansion=E) if fields["memory"] == "mlp" else MemorySpec(**fields)
+        cells = [recall(spec, eta, args.pairs, args.v_norm, args.seed) for eta in args.etas]
+        init_eta = initial_gates(name)["lr"][0]  # the eta a freshly built tiny model starts with
+        rows.append({"preset": name, "init_eta": init_eta,
                      "recall": {str(e): c[0] for e, c in zip(args.etas, cells)},
                      "error": {str(e): c[1] for e, c in zip(args.etas, cells)}})
-        print(f"{name:<16}{init_lr(name):>9.3g} " + " ".join(f"{100 * c[0]:>7.0f}%" for c in cells), flush=True)
+        print(f"{name:<16}{init_eta:>9.3g} " + " ".join(f"{100 * c[0]:>7.0f}%" for c in cells), flush=True)
     print("JSON " + json.dumps({"bench": "recall_probe", "pairs": args.pairs, "v_norm": args.v_norm, "rows": rows}))
 
 
