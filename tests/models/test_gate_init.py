@@ -82,7 +82,7 @@ def test_fresh_model_gates_are_the_documented_ones(name, size):
         check_layer(layer, documented(name, size, config.n_heads), f"{name} {size} layer {i}")
 
 
-@pytest.mark.parametrize("name", ["moneta", "yaad", "memora", "gated-deltanet", "titans", "retnet", "mamba2"])
+@pytest.mark.parametrize("name", ["moneta", "yaad", "memora", "moneta-matrix", "gated-deltanet", "titans", "retnet", "mamba2"])
 def test_gates_on_real_inputs_stay_near_their_start(name):
     """The low-rank projections add little to the biases at init (weights N(0, 0.02)): on embedded random
     tokens every lr is within 5% of its documented start and every decay rate -log(alpha) within 10%."""

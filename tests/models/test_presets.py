@@ -58,7 +58,7 @@ RANGES = {"170M": (100e6, 175e6), "340M": (300e6, 400e6), "780M": (700e6, 850e6)
 
 
 @pytest.mark.parametrize("size", ["170M", "340M"])
-@pytest.mark.parametrize("name", ["moneta", "yaad", "memora", "moneta-h", "transformer", "gated-deltanet"])
+@pytest.mark.parametrize("name", ["moneta", "yaad", "memora", "moneta-matrix", "moneta-h", "transformer", "gated-deltanet"])
 def test_parameter_count_in_documented_range(name, size):
     low, high = RANGES[size]
     n = count_parameters(name, size)

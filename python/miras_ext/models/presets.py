@@ -21,6 +21,10 @@ MODELS: dict[str, dict] = {
     "moneta": dict(memory=MemorySpec(**MONETA), lr_max=0.1, **_MIRAS_GATES),
     "yaad": dict(memory=MemorySpec(**YAAD), lr_max=1e-2, **_MIRAS_GATES),
     "memora": dict(memory=MemorySpec(**MEMORA), lr_max=1e-2, **_MIRAS_GATES),
+    # Moneta's bias (l_3) and retention (l_4) on a matrix memory: the MLP memory is the one Miras axis that
+    # stops Moneta from recalling here (docs/models.md, "What isolates the failure"); lr_max 1 as the delta rules.
+    "moneta-matrix": dict(memory=MemorySpec(memory="matrix", bias="lp", p=3.0, retention="lq",
+                                                      norm_order=4.0, norm_floor=1.0), lr_max=1.0, **_MIRAS_GATES),
     "transformer": dict(mixer="attention"),
     # o_t = sum_i v_i (k_i . q_t): lr = 1, no retention.
     "linear-attention": dict(memory=MemorySpec(**LINEAR_ATTENTION), lr_gate="one", **_HEAD),
@@ -43,7 +47,7 @@ MODELS: dict[str, dict] = {
     "titans": dict(memory=MemorySpec(**TITANS), lr_max=0.1, **_HEAD),
 }
 HYBRIDS = {"moneta-h": "moneta", "yaad-h": "yaad", "memora-h": "memora"}
-PRESETS = ("moneta", "yaad", "memora", "moneta-h", "yaad-h", "memora-h", "transformer", "linear-attention",
+PRESETS = ("moneta", "yaad", "memora", "moneta-matrix", "moneta-h", "yaad-h", "memora-h", "transformer", "linear-attention",
            "retnet", "mamba2", "deltanet", "gated-deltanet", "ttt-linear", "ttt-mlp", "titans")
 
 # Table 5 (blocks x dim, 16 heads); 1.3B is our choice (24 x 2048, 16 heads of 128), the GDN/FLA layout.
