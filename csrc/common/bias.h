@@ -52,9 +52,6 @@ MIRAS_HD bool needs_row_norm(Bias b) {
   return b == Bias::huber_norm || b == Bias::yaad || b == Bias::value_shift;
 }
 
-// Their Hessians have a rank-one term r r^T, so the backward also needs r.u of the row.
-MIRAS_HD bool needs_row_dot(Bias b) { return b == Bias::huber_norm || b == Bias::value_shift; }
-
 // The inside branch includes equality, as in the reference.
 template <typename T>
 MIRAS_HD bool inside_norm(T sq, T d) {

@@ -78,10 +78,12 @@ def _step_if_complete(folder: Path) -> int | None:
         manifest = read_manifest(folder)
     except CheckpointError:
         return None
-    for name, entry in manifest["files"].items():
-        p = folder / name
-        if not p.is_file() or p.stat().st_size != entry["bytes"]:
-            return None
+    try:   # a folder renamed by a save running beside this read is not complete here
+        sizes = {name: (folder / name).stat().st_size for name in manifest["files"]}
+    except OSError:
+        return None
+    if any(sizes[name] != entry["bytes"] for name, entry in manifest["files"].items()):
+        return None
     return int(manifest["step"])
 
 

@@ -6,13 +6,13 @@ import json
 import time
 from pathlib import Path
 
+from .arguments import DEFAULT_LEN, train_args_from
 from .checkpoint import has_run
 from .progress import Progress, duration
 from .trainer import Diverged, Trainer, UsageError, count, make_config, make_task
 
 
 def run_compare(ns) -> int:
-    from .commands import DEFAULT_LEN, _train_args_from
     out = Path(ns.out or f"runs/compare-{ns.task}")
     out.mkdir(parents=True, exist_ok=True)
     lengths = ns.lengths or [ns.seq_len or DEFAULT_LEN[ns.task]]
@@ -20,12 +20,12 @@ def run_compare(ns) -> int:
     cells = [(L, P) for L in lengths for P in pairs_grid]
     # Validate every cell before training anything (e.g. a length below 4 x pairs).
     for L, P in cells:
-        make_task(_train_args_from(ns, ns.presets[0], str(out), seq_len=L, **({"pairs": P} if P else {})))
+        make_task(train_args_from(ns, ns.presets[0], str(out), seq_len=L, **({"pairs": P} if P else {})))
     target = None
     if not ns.no_match_params:
-        probe = _train_args_from(ns, ns.presets[0], str(out), seq_len=max(lengths))
+        probe = train_args_from(ns, ns.presets[0], str(out), seq_len=max(lengths))
         vocab = make_task(probe).vocab_size
-        target = max(count(make_config(_train_args_from(ns, p, str(out), seq_len=max(lengths)), vocab))
+        target = max(count(make_config(train_args_from(ns, p, str(out), seq_len=max(lengths)), vocab))
                      for p in ns.presets)
     runs = [(name, L, P, f"{name}-L{L}" + (f"-P{P}" if P else "")) for name in ns.presets for L, P in cells]
     taken = [tag for *_, tag in runs if has_run(out / tag)]
@@ -34,7 +34,7 @@ def run_compare(ns) -> int:
                          f"{', ...' if len(taken) > 3 else ''}); pass --overwrite to replace them")
     rows, started = [], time.time()
     for i, (name, L, P, tag) in enumerate(runs):
-        a = _train_args_from(ns, name, str(out / tag), seq_len=L, match_params=target,
+        a = train_args_from(ns, name, str(out / tag), seq_len=L, match_params=target,
                              **({"pairs": P} if P else {}))
         prog = Progress(a.steps, a.log_every, ns.quiet, prefix=f"[{i + 1}/{len(runs)}] {tag}  ", details=False)
         t0 = time.time()

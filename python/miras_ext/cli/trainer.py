@@ -43,7 +43,7 @@ class UsageError(ValueError):
 
 @dataclass
 class TrainArgs:
-    preset: str = "moneta"
+    preset: str = "moneta-matrix"
     size: str = "tiny"
     overrides: dict = field(default_factory=dict)     # MirasConfig fields
     match_params: int | None = None                   # widen the SwiGLU to reach this many parameters
