@@ -195,7 +195,7 @@ class Runner:
 
     def __init__(self, case: Case, device: torch.device, dtype: torch.dtype, seed: int = 0):
         import miras_ext
-        from miras_ext.ops import memory as memory_ops
+        from miras_ext import spec_presets
 
         self.case = case
         gen = torch.Generator(device=device).manual_seed(seed)
@@ -241,7 +241,7 @@ class Runner:
                         return miras_ext.gated_delta_forward(qq, kk, vv, bb, aa, scale=scale,
                                                               chunk_size=case.chunk, **flag)[0]
             else:
-                spec = miras_ext.MemorySpec(**getattr(memory_ops, case.model.upper()), expansion=EXPANSION)
+                spec = miras_ext.MemorySpec(**getattr(spec_presets, case.model.upper()), expansion=EXPANSION)
                 lr = LR_MAX[case.model] * torch.sigmoid(randn(b, t, h, d, dt=torch.float32))  # per channel
                 alpha = torch.sigmoid(randn(b, t, h, d, dt=torch.float32) + 4.0)            # about 0.98
                 delta = (0.5 + rand(b, t, h)) * math.sqrt(d) if spec.uses_threshold else None

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 import miras_ext
 from miras_ext import MemorySpec
 from miras_ext.models.describe import initial_gates
-from miras_ext.ops.memory import GATED_DELTA, MEMORA, MONETA, TITANS, YAAD
+from miras_ext.spec_presets import GATED_DELTA, MEMORA, MONETA, TITANS, YAAD
 
 SPECS = {"moneta": MONETA, "yaad": YAAD, "memora": MEMORA, "titans": TITANS, "gated-deltanet": GATED_DELTA}
 D, E, B = 32, 4, 16

@@ -31,7 +31,7 @@ MODES = ("fwd", "fwd+bwd")
 
 
 def presets() -> dict:
-    from miras_ext.ops import memory as m
+    from miras_ext import spec_presets as m
     return {"moneta": m.MONETA, "yaad": m.YAAD, "memora": m.MEMORA, "titans": m.TITANS,
             "gated-delta": m.GATED_DELTA, "delta": m.DELTA, "linear-attention": m.LINEAR_ATTENTION}
 

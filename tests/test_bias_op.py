@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-import miras_ext
+from miras_ext.testing import bias_grad
 from miras_ext.reference import bias as ref
 
 BIASES = ("dot", "l2", "lp", "l1", "huber", "huber_norm", "yaad", "value_shift")
@@ -49,7 +49,7 @@ IDS = [f"{b}-dv{dv}{'-per_channel' if pc else ''}" for b, dv, pc in CASES]
 @pytest.mark.parametrize("bias,dv,per_channel", CASES, ids=IDS)
 def test_forward_matches_autograd_of_loss_and_closed_form(bias, dv, per_channel):
     y, v, delta = make_inputs(bias, dv, per_channel=per_channel)
-    g = miras_ext.bias_grad(y, v, bias, delta, p=P)
+    g = bias_grad(y, v, bias, delta, p=P)
     yr = y.clone().requires_grad_()
     (expected,) = torch.autograd.grad(ref.loss(yr, v, bias, delta, p=P).sum(), yr)
     assert rel_err(g, expected) < 1e-10
@@ -64,7 +64,7 @@ def test_gradcheck(bias, dv, per_channel):
         inputs.append(delta.requires_grad_())
 
     def f(y, v, *delta):
-        return miras_ext.bias_grad(y, v, bias, delta[0] if delta else None, p=P)
+        return bias_grad(y, v, bias, delta[0] if delta else None, p=P)
 
     assert torch.autograd.gradcheck(f, inputs)
 
@@ -72,7 +72,7 @@ def test_gradcheck(bias, dv, per_channel):
 def test_double_backward_is_refused():
     y, v, _ = make_inputs("l2", 7)
     y.requires_grad_()
-    (gy,) = torch.autograd.grad(miras_ext.bias_grad(y, v, "l2").sum(), y, create_graph=True)
+    (gy,) = torch.autograd.grad(bias_grad(y, v, "l2").sum(), y, create_graph=True)
     with pytest.raises(NotImplementedError, match="second derivatives"):
         gy.sum().backward()
 
@@ -83,7 +83,7 @@ def test_low_precision_inputs(bias, dtype, tol):
     y, v, delta = make_inputs(bias, 33)
     yl, vl = y.to(dtype), v.to(dtype)
     dl = None if delta is None else delta.to(dtype)
-    g = miras_ext.bias_grad(yl, vl, bias, dl, p=P)
+    g = bias_grad(yl, vl, bias, dl, p=P)
     assert g.dtype == dtype
     # The op computes in float32 from the rounded inputs; compare with float64 on the same rounded inputs.
     expected = ref.output_grad(yl.double(), vl.double(), bias, None if dl is None else dl.double(), p=P)
@@ -101,7 +101,7 @@ def test_opcheck(bias, dv, per_channel):
 
 def test_torch_compile_fullgraph_matches_eager():
     def f(y, v, delta):
-        return miras_ext.bias_grad(y * 2, v, "huber_norm", delta).sum(-1)
+        return bias_grad(y * 2, v, "huber_norm", delta).sum(-1)
 
     y, v, delta = make_inputs("huber_norm", 7)
     compiled = torch.compile(f, fullgraph=True)
@@ -111,21 +111,21 @@ def test_torch_compile_fullgraph_matches_eager():
 def test_non_contiguous_inputs():
     y, v, delta = make_inputs("value_shift", 7)
     yt, vt = y.transpose(0, 1), v.transpose(0, 1)
-    g = miras_ext.bias_grad(yt, vt, "value_shift", delta.t())
+    g = bias_grad(yt, vt, "value_shift", delta.t())
     torch.testing.assert_close(g, ref.output_grad(yt, vt, "value_shift", delta.t()))
 
 
 BAD = [
-    ("bias", lambda y, v, d: miras_ext.bias_grad(y, v, "l3")),
-    ("v", lambda y, v, d: miras_ext.bias_grad(y, v[..., :3], "l2")),
-    ("v", lambda y, v, d: miras_ext.bias_grad(y, v.float(), "l2")),
-    ("delta", lambda y, v, d: miras_ext.bias_grad(y, v, "huber_norm")),
-    ("delta", lambda y, v, d: miras_ext.bias_grad(y, v, "yaad", torch.ones_like(y))),
-    ("delta", lambda y, v, d: miras_ext.bias_grad(y, v, "huber", d[..., :2])),
-    ("delta", lambda y, v, d: miras_ext.bias_grad(y, v, "huber", d.float())),
-    ("p", lambda y, v, d: miras_ext.bias_grad(y, v, "lp", p=0.5)),
-    ("eps", lambda y, v, d: miras_ext.bias_grad(y, v, "l1", eps=0.0)),
-    ("y", lambda y, v, d: miras_ext.bias_grad(y.long(), v.long(), "l2")),
+    ("bias", lambda y, v, d: bias_grad(y, v, "l3")),
+    ("v", lambda y, v, d: bias_grad(y, v[..., :3], "l2")),
+    ("v", lambda y, v, d: bias_grad(y, v.float(), "l2")),
+    ("delta", lambda y, v, d: bias_grad(y, v, "huber_norm")),
+    ("delta", lambda y, v, d: bias_grad(y, v, "yaad", torch.ones_like(y))),
+    ("delta", lambda y, v, d: bias_grad(y, v, "huber", d[..., :2])),
+    ("delta", lambda y, v, d: bias_grad(y, v, "huber", d.float())),
+    ("p", lambda y, v, d: bias_grad(y, v, "lp", p=0.5)),
+    ("eps", lambda y, v, d: bias_grad(y, v, "l1", eps=0.0)),
+    ("y", lambda y, v, d: bias_grad(y.long(), v.long(), "l2")),
 ]
 
 
@@ -143,8 +143,8 @@ def test_cuda_matches_cpu(bias, dv, per_channel, dtype, tol):
     y, v, delta = make_inputs(bias, dv, dtype=dtype, per_channel=per_channel)
     u = torch.randn_like(y)
     on = [t.cuda() if t is not None else None for t in (u, y, v, delta)]
-    g_cpu = miras_ext.bias_grad(y, v, bias, delta, p=P)
-    g_gpu = miras_ext.bias_grad(*on[1:3], bias, on[3], p=P)
+    g_cpu = bias_grad(y, v, bias, delta, p=P)
+    g_gpu = bias_grad(*on[1:3], bias, on[3], p=P)
     assert rel_err(g_gpu.cpu(), g_cpu) < tol
     back_cpu = torch.ops.miras_ext.bias_grad_backward(u, y, v, delta, bias, P, 1e-6)
     back_gpu = torch.ops.miras_ext.bias_grad_backward(*on, bias, P, 1e-6)

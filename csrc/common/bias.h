@@ -7,11 +7,7 @@
 #include <cmath>
 #include <cstdint>
 
-#if defined(__CUDACC__)
-#define MIRAS_HD __host__ __device__ __forceinline__
-#else
-#define MIRAS_HD inline
-#endif
+#include "common/host_device.h"
 
 namespace miras {
 

@@ -1,7 +1,7 @@
 // When a run may use the factored form (docs/math.md Eq. 5.12), for the CPU op and the CUDA kernels alike.
 #pragma once
 
-#include "common/bias.h"  // MIRAS_HD
+#include "common/host_device.h"
 
 namespace miras {
 

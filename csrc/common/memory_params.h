@@ -4,12 +4,12 @@
 #include <string>
 
 #include "common/bias.h"
+#include "common/retention.h"
 
 namespace miras {
 
 enum class Memory { Vector, Matrix, Mlp };
 enum class Activation { Gelu, Silu };
-enum class Retention { None, L2, Lq, Kl, ElasticNet, Sigmoid };
 enum class Algorithm { Gd, Momentum };
 
 struct MemoryParams {
@@ -37,10 +37,7 @@ struct MemoryParams {
   double scale = 1.0;        // multiplies q before the read (Eq. 4.3)
 
   int num_layers() const { return memory == Memory::Mlp ? layers : 1; }
-  bool linked() const {
-    return retention == Retention::Lq || retention == Retention::Kl || retention == Retention::ElasticNet ||
-           retention == Retention::Sigmoid;
-  }
+  bool linked() const { return has_link(retention); }
   bool momentum() const { return algorithm == Algorithm::Momentum; }
   // The delta rule (matrix memory, l2 bias, GD, retention none or l2) computed exactly at every chunk size
   // (docs/math.md Eqs. 5.13-5.19; MemorySpec.exact_chunks).

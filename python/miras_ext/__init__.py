@@ -6,7 +6,8 @@
 - compiled operators: ``memory_forward`` (same signature as ``reference.chunked``), ``memory_step`` (one
   decoding step), the presets of docs/math.md Table 1 (``moneta_forward``, ``yaad_forward``,
   ``memora_forward``, ``titans_forward``, ``gated_delta_forward``, ``delta_forward``,
-  ``linear_attention_forward``), ``bias_grad``; and ``build_info()``.
+  ``linear_attention_forward``); and ``build_info()``.
+- ``testing``: ``bias_grad``, the attentional biases' gradients as an op of their own, for tests and benches.
 """
 
 import torch  # noqa: F401  (loads libtorch, which the compiled module links against)
@@ -17,12 +18,12 @@ check_torch()
 
 from . import _C  # noqa: E402,F401  (registers the torch.ops.miras_ext operators)
 from . import reference  # noqa: E402
-from .ops import (bias_grad, delta_forward, gated_delta_forward, linear_attention_forward,  # noqa: E402
+from .ops import (delta_forward, gated_delta_forward, linear_attention_forward,  # noqa: E402
                   memora_forward, memory_forward, memory_step, moneta_forward, titans_forward, yaad_forward)
 from .spec import MemorySpec  # noqa: E402
 from .state import MemoryState  # noqa: E402
 from . import models  # noqa: E402  (language models: miras_ext.models)
 
-__all__ = ["MemorySpec", "MemoryState", "bias_grad", "build_info", "delta_forward", "gated_delta_forward",
+__all__ = ["MemorySpec", "MemoryState", "build_info", "delta_forward", "gated_delta_forward",
            "linear_attention_forward", "memora_forward", "memory_forward", "memory_step", "moneta_forward",
            "reference", "titans_forward", "yaad_forward"]

@@ -21,8 +21,9 @@ MAX_CHUNK = 2**31 - 1
 
 @dataclass
 class Call:
-    """A validated call: inputs in the compute dtype, gates as [N, T, H] or [N, T, H, D], and the
-    initial state expanded to one entry per sequence."""
+    """A validated call: q, k, v as given (the compiled op converts them itself, the references with
+    compute_dtype), gates in the compute dtype as [N, T, H] or [N, T, H, D], and the initial state expanded
+    to one entry per sequence."""
 
     q: torch.Tensor
     k: torch.Tensor
@@ -234,4 +235,4 @@ def check_call(q, k, v, lr, alpha, momentum, delta, spec: MemorySpec, scale: flo
     dtype = compute_dtype(q.dtype)
     state = _initial_state(initial_state, spec, n, h, dk, dv, dtype, q.device, chunk_size)
     gates = {name: None if g is None else g.to(dtype) for name, g in gates.items()}
-    return Call(q.to(dtype), k.to(dtype), v.to(dtype), gates, state, q.dtype, per_channel, chunk_size)
+    return Call(q, k, v, gates, state, q.dtype, per_channel, chunk_size)

@@ -44,7 +44,7 @@ import pytest
 import torch
 
 from miras_ext import MemorySpec, MemoryState, memory_forward, memory_step
-from miras_ext.ops import memory as memory_ops
+from miras_ext import spec_presets
 
 from ..reference.helpers import one_thread  # noqa: F401  (autouse fixture: the CPU side on one thread)
 from ..reference.helpers import Inputs, make_inputs, rel
@@ -192,7 +192,7 @@ MLP2 = dict(memory="mlp", expansion=2)
 SMOOTH = 1e-2
 CASES = [
     ("matrix-dot-none", MemorySpec(memory="matrix", bias="dot", retention="none"), dict(dv=6)),
-    ("gated-delta", MemorySpec(**memory_ops.GATED_DELTA), dict(dv=6)),
+    ("gated-delta", MemorySpec(**spec_presets.GATED_DELTA), dict(dv=6)),
     ("matrix-lp-lq-perch", MemorySpec(memory="matrix", bias="lp", p=3.0, retention="lq"), dict(per_channel=True)),
     ("matrix-l1-elastic-momentum", MemorySpec(memory="matrix", bias="l1", eps=SMOOTH, retention="elastic_net",
                                               algorithm="momentum"), dict(dv=6)),
@@ -200,10 +200,10 @@ CASES = [
      dict(per_channel=True, delta_per_channel=True)),
     ("matrix-hubernorm-momentum-lag", MemorySpec(memory="matrix", bias="huber_norm", retention="l2",
                                                  algorithm="momentum", lag_token=True), dict(dv=6)),
-    ("moneta-perch", MemorySpec(**{**memory_ops.MONETA, **MLP2}), dict(per_channel=True)),
-    ("yaad", MemorySpec(**{**memory_ops.YAAD, **MLP2, "eps": SMOOTH}), {}),
-    ("memora", MemorySpec(**{**memory_ops.MEMORA, **MLP2}), {}),
-    ("titans-perch", MemorySpec(**{**memory_ops.TITANS, **MLP2}), dict(per_channel=True)),
+    ("moneta-perch", MemorySpec(**{**spec_presets.MONETA, **MLP2}), dict(per_channel=True)),
+    ("yaad", MemorySpec(**{**spec_presets.YAAD, **MLP2, "eps": SMOOTH}), {}),
+    ("memora", MemorySpec(**{**spec_presets.MEMORA, **MLP2}), {}),
+    ("titans-perch", MemorySpec(**{**spec_presets.TITANS, **MLP2}), dict(per_channel=True)),
     ("mlp-valueshift-elastic-silu", MemorySpec(**MLP2, bias="value_shift", eps=SMOOTH, retention="elastic_net",
                                                activation="silu"), {}),
     ("mlp-l1-sigmoid-noresidual-perch", MemorySpec(**MLP2, bias="l1", eps=SMOOTH, retention="sigmoid",
@@ -236,10 +236,10 @@ def test_float16(index):
 
 
 HEAD_SPECS = [
-    pytest.param(MemorySpec(**memory_ops.GATED_DELTA), {}, id="gated-delta"),
+    pytest.param(MemorySpec(**spec_presets.GATED_DELTA), {}, id="gated-delta"),
     pytest.param(MemorySpec(memory="mlp", bias="l2", retention="l2"), {"per_channel": True, "alpha": (0.98, 1.0)},
                  id="mlp-l2-perch"),
-    pytest.param(MemorySpec(**{**memory_ops.YAAD, "eps": SMOOTH}), {}, id="yaad"),
+    pytest.param(MemorySpec(**{**spec_presets.YAAD, "eps": SMOOTH}), {}, id="yaad"),
 ]
 
 
@@ -271,8 +271,8 @@ def test_per_head_initial_state_gradient_sums_over_the_batch():
 
 @pytest.mark.parametrize("dtype", [pytest.param(torch.float64, id="float64"), pytest.param(torch.float32, id="float32")])
 @pytest.mark.parametrize("spec", [
-    pytest.param(MemorySpec(**{**memory_ops.MEMORA, **MLP2}, algorithm="momentum"), id="memora-momentum"),
-    pytest.param(MemorySpec(**memory_ops.GATED_DELTA), id="gated-delta"),
+    pytest.param(MemorySpec(**{**spec_presets.MEMORA, **MLP2}, algorithm="momentum"), id="memora-momentum"),
+    pytest.param(MemorySpec(**spec_presets.GATED_DELTA), id="gated-delta"),
 ])
 def test_cu_seqlens(spec, dtype):
     """Packed sequences of lengths 5, 0, 37, 16, 1 (B = 1), chunk 16, one initial state per sequence;
@@ -333,10 +333,10 @@ def test_cu_seqlens_from_states_mid_chunk():
 
 @pytest.mark.parametrize("dtype", [pytest.param(torch.float64, id="float64"), pytest.param(torch.float32, id="float32")])
 @pytest.mark.parametrize("spec, kw", [
-    pytest.param(MemorySpec(**{**memory_ops.YAAD, **MLP2, "eps": SMOOTH}, algorithm="momentum"), {"per_channel": True},
+    pytest.param(MemorySpec(**{**spec_presets.YAAD, **MLP2, "eps": SMOOTH}, algorithm="momentum"), {"per_channel": True},
                  id="yaad-momentum-perch"),
-    pytest.param(MemorySpec(**memory_ops.GATED_DELTA), {"dv": 6}, id="gated-delta"),
-    pytest.param(MemorySpec(**{**memory_ops.MEMORA, **MLP2}), {}, id="memora-lag"),
+    pytest.param(MemorySpec(**spec_presets.GATED_DELTA), {"dv": 6}, id="gated-delta"),
+    pytest.param(MemorySpec(**{**spec_presets.MEMORA, **MLP2}), {}, id="memora-lag"),
 ])
 def test_decode_continues_a_prefill(spec, kw, dtype):
     """Prefill 21 tokens (ends mid-chunk) on the device, then memory_step token by token to 27: the outputs
@@ -365,7 +365,7 @@ def test_decode_continues_a_prefill(spec, kw, dtype):
 
 def test_repeatable():
     """The same call twice gives the same result up to the order of float32 atomics (a race moves it more)."""
-    spec = MemorySpec(**memory_ops.MONETA)
+    spec = MemorySpec(**spec_presets.MONETA)
     inp = make_inputs(spec, B=2, T=150, H=4, dk=32, init="random", init_scale=0.05, per_channel=True)
     first = _run(inp, torch.float32, DEVICE, chunk_size=64)
     second = _run(inp, torch.float32, DEVICE, chunk_size=64)

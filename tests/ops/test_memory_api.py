@@ -12,6 +12,7 @@ import torch
 import miras_ext
 from miras_ext import MemorySpec, MemoryState, memory_forward, memory_step
 from miras_ext.ops import memory as memory_ops
+from miras_ext import spec_presets
 from miras_ext.reference import chunked
 from ..reference.helpers import one_thread  # noqa: F401  (autouse fixture)
 from ..reference.helpers import cotangent_loss, forward_and_grads, make_inputs, rel, state_rel
@@ -276,13 +277,13 @@ def test_torch_compile_one_function_several_specs():
 
 
 PRESETS = [
-    (miras_ext.moneta_forward, ("lr", "alpha"), memory_ops.MONETA),
-    (miras_ext.yaad_forward, ("lr", "alpha", "delta"), memory_ops.YAAD),
-    (miras_ext.memora_forward, ("lr", "alpha"), memory_ops.MEMORA),
-    (miras_ext.titans_forward, ("lr", "alpha", "momentum"), memory_ops.TITANS),
-    (miras_ext.gated_delta_forward, ("lr", "alpha"), memory_ops.GATED_DELTA),
-    (miras_ext.delta_forward, ("lr",), memory_ops.DELTA),
-    (miras_ext.linear_attention_forward, ("lr",), memory_ops.LINEAR_ATTENTION),
+    (miras_ext.moneta_forward, ("lr", "alpha"), spec_presets.MONETA),
+    (miras_ext.yaad_forward, ("lr", "alpha", "delta"), spec_presets.YAAD),
+    (miras_ext.memora_forward, ("lr", "alpha"), spec_presets.MEMORA),
+    (miras_ext.titans_forward, ("lr", "alpha", "momentum"), spec_presets.TITANS),
+    (miras_ext.gated_delta_forward, ("lr", "alpha"), spec_presets.GATED_DELTA),
+    (miras_ext.delta_forward, ("lr",), spec_presets.DELTA),
+    (miras_ext.linear_attention_forward, ("lr",), spec_presets.LINEAR_ATTENTION),
 ]
 
 
@@ -314,8 +315,8 @@ def test_matrix_presets_run():
     v = torch.randn(1, 6, 2, 3, dtype=torch.float64)
     lr = torch.rand(1, 6, 2, dtype=torch.float64)
     o, _ = miras_ext.linear_attention_forward(q, k, v, lr, chunk_size=4)
-    o_ref, _ = chunked(q, k, v, MemorySpec(**memory_ops.LINEAR_ATTENTION), lr, chunk_size=4)
+    o_ref, _ = chunked(q, k, v, MemorySpec(**spec_presets.LINEAR_ATTENTION), lr, chunk_size=4)
     assert rel(o, o_ref) < TOL
     o, _ = miras_ext.delta_forward(q, k, v, lr, chunk_size=1)
-    o_ref, _ = chunked(q, k, v, MemorySpec(**memory_ops.DELTA), lr, chunk_size=1)
+    o_ref, _ = chunked(q, k, v, MemorySpec(**spec_presets.DELTA), lr, chunk_size=1)
     assert rel(o, o_ref) < TOL

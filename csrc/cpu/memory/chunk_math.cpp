@@ -118,11 +118,10 @@ Tensor link(const MemoryParams& p, const Tensor& z) {
     case Retention::Lq: {
       const double q = p.norm_order;
       const Tensor total = z.abs().pow(q).sum({-2, -1}, true) + p.norm_floor;
-      return z * total.pow(-(q - 2.0) / q);
+      return z * total.pow(-lq_gamma(q));
     }
     case Retention::Kl: {
-      const double c = p.simplex_scale > 0 ? p.simplex_scale : std::sqrt(double(z.size(-1)));
-      return at::softmax(z, -1) * c;
+      return at::softmax(z, -1) * simplex_scale<double>(p.simplex_scale, z.size(-1));
     }
     case Retention::ElasticNet:
       return z.sign() * at::relu(z.abs() - p.shrinkage);
@@ -138,13 +137,13 @@ Tensor link_backward(const MemoryParams& p, const Tensor& z, const Tensor& grad_
     case Retention::L2:
       return grad_w;
     case Retention::Lq: {
-      const double q = p.norm_order, gamma = (q - 2.0) / q;
+      const double q = p.norm_order, gamma = lq_gamma(q);
       const Tensor total = z.abs().pow(q).sum({-2, -1}, true) + p.norm_floor;
       const Tensor inner = (grad_w * z).sum({-2, -1}, true);
       return grad_w * total.pow(-gamma) - gamma * q * total.pow(-gamma - 1.0) * inner * z.abs().pow(q - 2.0) * z;
     }
     case Retention::Kl: {
-      const double c = p.simplex_scale > 0 ? p.simplex_scale : std::sqrt(double(z.size(-1)));
+      const double c = simplex_scale<double>(p.simplex_scale, z.size(-1));
       const Tensor s = at::softmax(z, -1);
       return c * s * (grad_w - (grad_w * s).sum(-1, true));
     }

@@ -33,8 +33,8 @@ template <typename T>
 Link<T> make_link(const MemoryParams& p, int64_t fan_in) {
   Link<T> lk;
   lk.q = T(p.norm_order);
-  lk.g = (lk.q - T(2)) / lk.q;
-  lk.c = T(p.simplex_scale > 0 ? p.simplex_scale : std::sqrt(double(fan_in)));
+  lk.g = lq_gamma(lk.q);
+  lk.c = simplex_scale<T>(p.simplex_scale, fan_in);
   lk.gamma = T(p.shrinkage);
   lk.floor = T(p.norm_floor);
   return lk;
@@ -184,7 +184,7 @@ inline T read_row(const Link<T>& lk, const T* z, const T* h, T* w, int64_t in, T
   } else if constexpr (R == Retention::ElasticNet) {  // Eq. 3.7
 #pragma omp simd reduction(+ : acc)
     for (int64_t i = 0; i < in; ++i) {
-      const T x = std::abs(z[i]) > lk.gamma ? std::copysign(std::abs(z[i]) - lk.gamma, z[i]) : T(0);
+      const T x = soft_threshold(z[i], lk.gamma);
       w[i] = x;
       acc += x * h[i];
     }
@@ -284,7 +284,7 @@ void forward_pairs(const Link<T>& lk, Prepared& P, LoopForward& f) {
       T* ut = u + t * D.out;
       const T norm = step<T, R, Mom, Q4>(D, lk, token(D, d, a, h, e, al, m, t), z, z, s, s, wrow, false, ea, ut);
       if constexpr (R == Retention::Lq) {  // W_t = Z_t / N_t^g (Eq. 3.5)
-        const T r = std::pow(norm, -lk.g);
+        const T r = lq_scale(norm, lk.q).s;
         for (int64_t o = 0; o < D.out; ++o) ut[o] *= r;
       }
     }
@@ -337,10 +337,11 @@ void backward_pair(const Link<T>& lk, const Dims& D, const Token<T>* toks, const
     // l_q: u = r raw with r = N^{-g}; dL/dZ = r du h^T + ct |Z|^{q-2} Z, ct = -g q N^{-g-1} <du, raw> (Eq. 9.3).
     T r = 1, ct = 0;
     if constexpr (R == Retention::Lq) {
-      r = std::pow(Nq[t], -lk.g);
+      const LqScale<T> scale = lq_scale(Nq[t], lk.q);
+      r = scale.s;
       T dot = 0;
       for (int64_t o = 0; o < D.out; ++o) dot += dut[o] * ut[o];
-      ct = -lk.g * lk.q * r / Nq[t] * dot;
+      ct = -scale.coef * dot;
     }
     if (D.side == 1) {
       std::fill(vd, vd + in, T(0));

@@ -27,15 +27,15 @@ __device__ LinkStats<A> link_stats(const KernelSpec& sp, const A* z, int out, in
   using std::pow;
   using std::sqrt;
   LinkStats<A> st;
-  if (sp.link == Link::lq) {
-    const A q = A(sp.norm_order), gamma = (q - A(2)) / q;
+  if (sp.retention == Retention::Lq) {
+    const A q = A(sp.norm_order);
     A part = 0;
     for (int64_t e = threadIdx.x; e < int64_t(out) * in; e += blockDim.x) part += pow(std::abs(z[e]), q);
-    const A total = block_sum(part) + A(sp.norm_floor);
-    st.s = pow(total, -gamma);
-    st.coef = gamma * q * pow(total, -gamma - A(1));
-  } else if (sp.link == Link::kl) {
-    st.c = sp.simplex_scale > 0 ? A(sp.simplex_scale) : sqrt(A(in));
+    const LqScale<A> scale = lq_scale(block_sum(part) + A(sp.norm_floor), q);
+    st.s = scale.s;
+    st.coef = scale.coef;
+  } else if (sp.retention == Retention::Kl) {
+    st.c = simplex_scale<A>(sp.simplex_scale, in);
     const int lane = threadIdx.x % kWarp;
     for (int i = threadIdx.x / kWarp; i < out; i += kMemoryWarps) {
       const A* row = z + int64_t(i) * in;
@@ -61,18 +61,17 @@ __device__ LinkStats<A> link_stats(const KernelSpec& sp, const A* z, int out, in
 template <typename A>
 __device__ __forceinline__ A phi(const KernelSpec& sp, const LinkStats<A>& st, A z, int i) {
   using std::exp;
-  switch (sp.link) {
-    case Link::identity:
+  switch (sp.retention) {
+    case Retention::None:
+    case Retention::L2:
       return z;
-    case Link::lq:
+    case Retention::Lq:
       return z * st.s;
-    case Link::kl:
+    case Retention::Kl:
       return st.c * exp(z - st.rowmax[i]) * st.rowinv[i];
-    case Link::elastic_net: {
-      const A m = std::abs(z) - A(sp.shrinkage);
-      return m > 0 ? (z > 0 ? m : -m) : A(0);
-    }
-    case Link::sigmoid:
+    case Retention::ElasticNet:
+      return soft_threshold(z, A(sp.shrinkage));
+    case Retention::Sigmoid:
       return A(1) / (A(1) + exp(-z));
   }
   return z;
@@ -85,7 +84,7 @@ __device__ void link_backward_add(const KernelSpec& sp, const LinkStats<A>& st, 
   using std::exp;
   using std::pow;
   const int64_t size = int64_t(out) * in;
-  if (sp.link == Link::kl) {
+  if (sp.retention == Retention::Kl) {
     const int lane = threadIdx.x % kWarp;
     for (int i = threadIdx.x / kWarp; i < out; i += kMemoryWarps) {
       const A* row = z + int64_t(i) * in;
@@ -101,29 +100,30 @@ __device__ void link_backward_add(const KernelSpec& sp, const LinkStats<A>& st, 
     return;
   }
   A inner = 0;
-  if (sp.link == Link::lq) {
+  if (sp.retention == Retention::Lq) {
     for (int64_t e = threadIdx.x; e < size; e += blockDim.x) inner += grad(int(e / in), int(e % in)) * z[e];
     inner = block_sum(inner);
   }
   for (int64_t e = threadIdx.x; e < size; e += blockDim.x) {
     const int i = int(e / in), j = int(e % in);
     const A g = grad(i, j), x = z[e];
-    switch (sp.link) {
-      case Link::identity:
+    switch (sp.retention) {
+      case Retention::None:
+      case Retention::L2:
         dz[e] += g;
         break;
-      case Link::lq:
+      case Retention::Lq:
         dz[e] += g * st.s - st.coef * inner * pow(std::abs(x), A(sp.norm_order) - A(2)) * x;
         break;
-      case Link::elastic_net:
+      case Retention::ElasticNet:
         dz[e] += std::abs(x) > A(sp.shrinkage) ? g : A(0);
         break;
-      case Link::sigmoid: {
+      case Retention::Sigmoid: {
         const A s = A(1) / (A(1) + exp(-x));
         dz[e] += g * s * (A(1) - s);
         break;
       }
-      case Link::kl:
+      case Retention::Kl:
         break;
     }
   }

@@ -5,6 +5,7 @@
 #include <cstdint>
 
 #include "common/bias.h"
+#include "common/retention.h"
 #include "common/schedule.h"
 
 namespace miras::cuda {
@@ -12,8 +13,6 @@ namespace miras::cuda {
 constexpr int kMaxLayers = 4;       // MLP layers the kernels take
 constexpr int kMemoryThreads = 256;  // threads per block; a block runs one (sequence, head) pair at a time
 constexpr int kMemoryWarps = kMemoryThreads / 32;
-
-enum class Link : int32_t { identity, lq, kl, elastic_net, sigmoid };  // W = phi(Z), Eqs. 3.1, 3.5-3.8
 
 // MemoryParams (common/memory_params.h) resolved against the tensors' sizes.
 struct KernelSpec {
@@ -25,7 +24,7 @@ struct KernelSpec {
   Bias bias = Bias::l2;
   DeltaLayout delta_layout = DeltaLayout::none;
   double p = 2, eps = 1e-6;             // bias options
-  Link link = Link::identity;
+  Retention retention = Retention::L2;  // common/retention.h
   double norm_order = 4, norm_floor = 1e-12, shrinkage = 1e-3;
   double simplex_scale = -1;            // < 0: sqrt(fan_in) of each weight tensor
   int32_t has_alpha = 0;                // retention gate given (absent: alpha = 1)
@@ -91,7 +90,7 @@ MIRAS_HD Workspace workspace_layout(const KernelSpec& s, int64_t n, bool backwar
     at += (count + 31) / 32 * 32;  // 128-byte aligned for float
     return off;
   };
-  w.wb = take(s.link == Link::identity ? 0 : W);
+  w.wb = take(has_link(s.retention) ? W : 0);
   w.acts = take(n * ins);
   w.pre = take(n * outs);
   w.deltas = take(n * outs);

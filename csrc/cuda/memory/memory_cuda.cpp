@@ -40,23 +40,6 @@ using cuda::MemoryArgs;
 // ------------------------------------------------------------------------------------------------
 // The spec as the kernels read it.
 
-cuda::Link link_of(Retention r) {
-  switch (r) {
-    case Retention::Lq:
-      return cuda::Link::lq;
-    case Retention::Kl:
-      return cuda::Link::kl;
-    case Retention::ElasticNet:
-      return cuda::Link::elastic_net;
-    case Retention::Sigmoid:
-      return cuda::Link::sigmoid;
-    case Retention::None:
-    case Retention::L2:
-      break;
-  }
-  return cuda::Link::identity;
-}
-
 int32_t width(int64_t d) {
   TORCH_CHECK_VALUE(d <= std::numeric_limits<int32_t>::max(), "q, v: the CUDA op takes widths below 2^31, got ", d);
   return static_cast<int32_t>(d);
@@ -85,7 +68,7 @@ KernelSpec kernel_spec(const Problem& P, const std::optional<at::Tensor>& delta)
                                        : DeltaLayout::per_row;
   s.p = mp.p;
   s.eps = mp.eps;
-  s.link = link_of(mp.retention);
+  s.retention = mp.retention;
   s.norm_order = mp.norm_order;
   s.norm_floor = mp.norm_floor;
   s.ln_eps = mp.ln_eps;

@@ -123,7 +123,7 @@ struct MemoryBlock {
   // The anchor weights phi(anchor), materialised in the workspace unless the link is the identity.
   __device__ void anchor_weights(A* const anc[], const A* wb[]) const {
     for (int l = 0; l < L; ++l) {
-      if (sp.link == Link::identity) {
+      if (!has_link(sp.retention)) {
         wb[l] = anc[l];
         continue;
       }
@@ -301,7 +301,7 @@ struct MemoryBlock {
             z = al[c] * z - e[c] * grad;
           }
           zdst[l][x] = z;
-          if (sp.link == Link::kl) {
+          if (sp.retention == Retention::Kl) {
             if (z > top) {
               const A shrink = exp(top - z);
               mass = mass * shrink + A(1);
@@ -313,25 +313,24 @@ struct MemoryBlock {
               dot += w * h[j];
             }
           } else {
-            if (sp.link == Link::lq) norm_part += pow(std::abs(z), A(sp.norm_order));
-            dot += (sp.link == Link::lq ? z : phi(sp, none, z, i)) * h[j];
+            if (sp.retention == Retention::Lq) norm_part += pow(std::abs(z), A(sp.norm_order));
+            dot += (sp.retention == Retention::Lq ? z : phi(sp, none, z, i)) * h[j];
           }
         }
-        if (sp.link == Link::kl) {
+        if (sp.retention == Retention::Kl) {
           const A row_top = warp_max(top);
           const A w = top == -INFINITY ? A(0) : exp(top - row_top);
           mass = warp_sum(mass * w);
           dot = warp_sum(dot * w);
-          const A c = sp.simplex_scale > 0 ? A(sp.simplex_scale) : sqrt(A(in));
+          const A c = simplex_scale<A>(sp.simplex_scale, in);
           if (lane == 0) u[i] = c * dot / mass;
         } else {
           dot = warp_sum(dot);
           if (lane == 0) u[i] = dot;
         }
       }
-      if (sp.link == Link::lq) {  // W = Z (sum |Z|^q + norm_floor)^(-(q - 2) / q) (Eq. 3.5)
-        const A q = A(sp.norm_order);
-        const A scale = pow(block_sum(norm_part) + A(sp.norm_floor), -(q - A(2)) / q);
+      if (sp.retention == Retention::Lq) {  // W = Z (sum |Z|^q + norm_floor)^(-(q - 2) / q) (Eq. 3.5)
+        const A scale = lq_scale(block_sum(norm_part) + A(sp.norm_floor), A(sp.norm_order)).s;
         for (int i = threadIdx.x; i < out; i += blockDim.x) u[i] *= scale;
       }
       __syncthreads();
@@ -636,7 +635,7 @@ struct MemoryBlock {
   // instead of a token loop. Runs whose smallest A_t is below common/factored_floor.h take the token loop.
 
   __device__ bool factored_run(int n) const {
-    if (sp.link != Link::identity || sp.momentum) return false;
+    if (has_link(sp.retention) || sp.momentum) return false;
     A low = 1;
     for (int p = threadIdx.x; p < n * Dg; p += blockDim.x) {
       const A x = gate(kCum, p / Dg)[p % Dg];

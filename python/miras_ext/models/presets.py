@@ -4,7 +4,7 @@ Table 5. See docs/models.md for the choices."""
 
 from __future__ import annotations
 
-from ..ops.memory import DELTA, GATED_DELTA, LINEAR_ATTENTION, MEMORA, MONETA, TITANS, YAAD
+from ..spec_presets import DELTA, GATED_DELTA, LINEAR_ATTENTION, MEMORA, MONETA, TITANS, YAAD
 from ..spec import MemorySpec
 from .config import MirasConfig
 

@@ -1,4 +1,5 @@
-"""The chunkwise Miras memory as compiled operators (docs/math.md, Section 5), and the Table 1 presets.
+"""The chunkwise Miras memory as compiled operators (docs/math.md, Section 5), and one wrapper per Table 1
+preset (spec_presets.py).
 
 ``memory_forward`` has exactly the signature and semantics of ``reference.chunked``; it runs the
 ``torch.ops.miras_ext.memory_chunk_fwd`` operator, whose backward (``memory_chunk_bwd``) recomputes every run
@@ -19,6 +20,7 @@ import torch
 from ..inputs import check_call, chunk_phase
 from ..nonfinite import causal
 from ..spec import MemorySpec
+from ..spec_presets import DELTA, GATED_DELTA, LINEAR_ATTENTION, MEMORA, MONETA, TITANS, YAAD
 from ..state import MemoryState
 
 __all__ = [
@@ -227,19 +229,6 @@ def _preset(name: str, defaults: dict, q, k, v, lr, alpha, momentum, delta, kwar
     spec = MemorySpec(**{**defaults, **{key: x for key, x in kwargs.items() if key in _SPEC_FIELDS}})
     call = {key: x for key, x in kwargs.items() if key in _CALL_KEYWORDS}
     return memory_forward(q, k, v, spec, lr, alpha, momentum, delta, **call)
-
-
-# ln_eps, norm_floor and Yaad's eps keep the inner recurrence well-conditioned over long sequences
-# (docs/math.md Section 8, point 15).
-MONETA = dict(memory="mlp", layers=2, residual_norm=True, ln_eps=1e-2, bias="lp", p=3.0, retention="lq",
-              norm_order=4.0, norm_floor=1.0)
-YAAD = dict(memory="mlp", layers=2, residual_norm=True, ln_eps=1e-2, bias="yaad", eps=0.1, retention="l2")
-MEMORA = dict(memory="mlp", layers=2, residual_norm=True, ln_eps=1e-2, bias="l2", retention="kl", lag_token=True)
-TITANS = dict(memory="mlp", layers=2, activation="silu", residual_norm=False, bias="l2", retention="l2",
-              algorithm="momentum")
-GATED_DELTA = dict(memory="matrix", bias="l2", retention="l2", grad_at_retained=True)
-DELTA = dict(memory="matrix", bias="l2", retention="none")
-LINEAR_ATTENTION = dict(memory="matrix", bias="dot", retention="none")
 
 
 def moneta_forward(q, k, v, lr, alpha, **kwargs):

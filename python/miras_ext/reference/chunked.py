@@ -17,6 +17,7 @@ from ..inputs import check_call, chunk_phase
 from ..nonfinite import causal
 from ..spec import MemorySpec
 from ..state import MemoryState
+from .algorithm import coefficients
 from .memory import activation, apply, gate_view, layer_norm, linear, token_gradients
 from .retention import link
 from .sequences import run
@@ -44,47 +45,14 @@ def _runs(spec: MemorySpec, phase: int, length: int, chunk_size: int) -> list[tu
     return [(t, t + 1, fresh and t == s) for s, e, fresh in runs for t in range(s, e)]
 
 
-def _decay(gate: torch.Tensor | None, like: torch.Tensor, per_channel: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eq. 5.7 for a gate over the chunk's token axis (2): D[t, i] = prod_{i < j <= t} gate_j for i <= t,
-    else 0, as [.., n, n] or [.., n, n, D], and the running product prod_{j <= t} gate_j. A missing gate
-    is 1.
-
-    Products, not exponentials of cumulative logs: a momentum gate may be exactly 0, and the gradient
-    there must still be exact."""
-    g = torch.ones_like(like) if gate is None else gate
-    n = g.shape[2]
-    lower = torch.ones(n, n, dtype=torch.bool, device=g.device).tril()
-    below = lower.tril(-1)
-    if per_channel:
-        lower, below, rows = lower.unsqueeze(-1), below.unsqueeze(-1), g.unsqueeze(3)
-    else:
-        rows = g.unsqueeze(-1)
-    # L[t, i] = g_t for i < t, else 1; the running product of L over t is D on and below the diagonal.
-    steps = torch.where(below, rows, torch.ones_like(rows))
-    decay = torch.cumprod(steps, dim=2) * lower
-    return decay, torch.cumprod(g, dim=2)
-
-
 class _Chunk:
     """One run of n tokens sharing an anchor: its coefficients and gradient factors."""
 
     def __init__(self, spec: MemorySpec, shapes, per_channel: bool, k, v, g, z, s, anchor):
         self.spec, self.shapes, self.per_channel = spec, shapes, per_channel
         self.z, self.s = z, s
-        lr = g["lr"]
-        decay, self.retained = _decay(g["alpha"], lr, per_channel)  # D^alpha and A_t (Eq. 5.7)
-        lr_cols = lr.unsqueeze(2)  # scales column i (the token written)
-        if s:  # Eq. 5.9: momentum folds a second decay into the coefficients
-            mdecay, self.mkeep = _decay(g["momentum"], lr, per_channel)
-            if per_channel:
-                combined = torch.einsum("nhtjd,nhjid->nhtid", decay, mdecay)
-                self.carry = torch.einsum("nhtjd,nhjd->nhtd", decay, self.mkeep)
-            else:
-                combined = decay @ mdecay
-                self.carry = (decay @ self.mkeep.unsqueeze(-1)).squeeze(-1)
-            self.coef, self.mcoef = combined * lr_cols, mdecay * lr_cols
-        else:  # Eq. 5.8
-            self.coef = decay * lr_cols
+        c = coefficients(g["lr"], g["alpha"], g["momentum"] if s else None, per_channel)
+        self.retained, self.coef, self.carry, self.mkeep, self.mcoef = c.retained, c.coef, c.carry, c.mkeep, c.mcoef
         weights = [link(spec, anchor[i], shapes[i]) for i in range(len(anchor))]
         self.deltas, self.inputs = token_gradients(
             spec, weights, k, v, g["delta"], self.retained if spec.grad_at_retained else None)

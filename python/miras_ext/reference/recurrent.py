@@ -16,6 +16,7 @@ from ..inputs import check_call
 from ..spec import MemorySpec
 from ..state import MemoryState
 from . import bias as biases
+from .algorithm import step
 from .memory import apply, gate_view
 from .retention import link
 from .sequences import run
@@ -75,13 +76,11 @@ def recurrent(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: MemorySpe
             w = [link(spec, at[i], shapes[i]) for i in range(len(z))]
             grads = inner_grad(w, k[:, t], v[:, t], g["delta"])
             for i in range(len(z)):
-                step = view("lr", i) * grads[i]
-                keep = view("alpha", i) * z[i] if g["alpha"] is not None else z[i]
-                if s:  # Eq. 4.2
-                    s[i] = view("momentum", i) * s[i] - step
-                    z[i] = keep + s[i]
-                else:  # Eq. 4.1
-                    z[i] = keep - step
+                kept = view("alpha", i) * z[i] if g["alpha"] is not None else z[i]
+                z[i], s_i = step(kept, view("lr", i) * grads[i], s[i] if s else None,
+                                 view("momentum", i) if s else None)
+                if s:
+                    s[i] = s_i
             outs.append(apply(spec, [link(spec, z[i], shapes[i]) for i in range(len(z))], scale * q[:, t]))
         o = torch.stack(outs, dim=1)
         return o, MemoryState(tuple(z), tuple(s), tuple(anchor), state.position + q.shape[1])

@@ -1,5 +1,6 @@
-"""Retention links phi: the weights a memory reads and differentiates are phi(Z) of its state Z
-(docs/math.md, Eqs. 3.3-3.8). Identity for retention "none" and "l2"."""
+"""The retention gate: the links phi, whose value phi(Z) of the state Z is what a memory reads and
+differentiates (docs/math.md, Eqs. 3.3-3.8; identity for retention "none" and "l2"), and alpha's decay over
+a chunk (Eq. 5.7)."""
 
 from __future__ import annotations
 
@@ -25,3 +26,23 @@ def link(spec: MemorySpec, z: torch.Tensor, shape: tuple[int, ...]) -> torch.Ten
     if r == "sigmoid":  # Eq. 3.8: Bregman divergence of the binary entropy
         return torch.sigmoid(z)
     raise ValueError(f"retention: unknown retention {r!r}")
+
+
+def decay(gate: torch.Tensor | None, like: torch.Tensor, per_channel: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eq. 5.7 for a gate over the chunk's token axis (2), alpha's or (reference/algorithm.py) momentum's: D[t, i] = prod_{i < j <= t} gate_j for i <= t,
+    else 0, as [.., n, n] or [.., n, n, D], and the running product prod_{j <= t} gate_j. A missing gate
+    is 1.
+
+    Products, not exponentials of cumulative logs: a momentum gate may be exactly 0, and the gradient
+    there must still be exact."""
+    g = torch.ones_like(like) if gate is None else gate
+    n = g.shape[2]
+    lower = torch.ones(n, n, dtype=torch.bool, device=g.device).tril()
+    below = lower.tril(-1)
+    if per_channel:
+        lower, below, rows = lower.unsqueeze(-1), below.unsqueeze(-1), g.unsqueeze(3)
+    else:
+        rows = g.unsqueeze(-1)
+    # L[t, i] = g_t for i < t, else 1; the running product of L over t is D on and below the diagonal.
+    steps = torch.where(below, rows, torch.ones_like(rows))
+    return torch.cumprod(steps, dim=2) * lower, torch.cumprod(g, dim=2)

@@ -34,8 +34,8 @@ namespace {
 
 using miras::Bias;
 using miras::DeltaLayout;
+using miras::Retention;
 using miras::cuda::KernelSpec;
-using miras::cuda::Link;
 
 struct BadInput : std::runtime_error {
   using std::runtime_error::runtime_error;
@@ -63,8 +63,9 @@ constexpr std::pair<const char*, Bias> kBiases[] = {{"dot", Bias::dot},       {"
                                                     {"value_shift", Bias::value_shift}};
 constexpr std::pair<const char*, DeltaLayout> kLayouts[] = {
     {"none", DeltaLayout::none}, {"per_row", DeltaLayout::per_row}, {"per_channel", DeltaLayout::per_channel}};
-constexpr std::pair<const char*, Link> kLinks[] = {{"identity", Link::identity}, {"lq", Link::lq}, {"kl", Link::kl},
-                                                   {"elastic_net", Link::elastic_net}, {"sigmoid", Link::sigmoid}};
+constexpr std::pair<const char*, Retention> kRetentions[] = {
+    {"none", Retention::None},         {"l2", Retention::L2}, {"lq", Retention::Lq}, {"kl", Retention::Kl},
+    {"elastic_net", Retention::ElasticNet}, {"sigmoid", Retention::Sigmoid}};
 
 struct Case {
   std::string dtype;
@@ -141,7 +142,7 @@ Case parse_case(const std::string& text) {
     else if (key == "delta_layout") s.delta_layout = by_name(key, word(), kLayouts);
     else if (key == "p") s.p = num();
     else if (key == "eps") s.eps = num();
-    else if (key == "link") s.link = by_name(key, word(), kLinks);
+    else if (key == "retention") s.retention = by_name(key, word(), kRetentions);
     else if (key == "norm_order") s.norm_order = num();
     else if (key == "norm_floor") s.norm_floor = num();
     else if (key == "ln_eps") s.ln_eps = num();

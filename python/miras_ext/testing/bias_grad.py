@@ -1,4 +1,4 @@
-"""miras_ext::bias_grad: dl/dy of an attentional bias, and its backward."""
+"""miras_ext::bias_grad: dl/dy of an attentional bias, and its backward (a test op: miras_ext.testing)."""
 
 from __future__ import annotations
 
