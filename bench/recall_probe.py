@@ -1,7 +1,7 @@
 """The memory's own recall, before any outer training: which inner step eta lets each preset's op store
 associations (docs/models.md, "Choosing the Miras presets' chunk and step").
 
-Per preset spec (ops/memory.py: MONETA, YAAD, MEMORA, TITANS, GATED_DELTA), one head of D = 32 (expansion 4
+Per preset spec (spec_presets.py: MONETA, YAAD, MEMORA, TITANS, GATED_DELTA), one head of D = 32 (expansion 4
 for the MLP memories, initial weights N(0, 1/fan_in) as the models start), N random pairs (l2-normalised k,
 v of norm `--v-norm`) are written with step eta and no forgetting (alpha = 1; Titans' momentum 0.5, Yaad's
 delta 1), then read at q = k_i with eta = 0 (no writes). Recall: the share of reads whose nearest stored

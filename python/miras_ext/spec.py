@@ -171,6 +171,22 @@ class MemorySpec:
         declaration order; booleans as 0/1, simplex_scale None as -1."""
         return self._encoded
 
+    @classmethod
+    def decode(cls, text: str) -> MemorySpec:
+        """The MemorySpec whose encode() is `text` (how the operators' fake registrations read their spec)."""
+        defaults = {f.name: f.default for f in fields(cls)}
+
+        def value(name: str, raw: str):
+            kind = defaults[name]
+            if name == "simplex_scale":
+                return None if raw == "-1" else float(raw)
+            if isinstance(kind, bool):
+                return raw == "1"
+            return type(kind)(raw)
+
+        pairs = [item.split("=", 1) for item in text.split(",")]
+        return cls(**{name: value(name, raw) for name, raw in pairs})
+
     def kl_scale(self, shape: tuple[int, ...]) -> float:
         """c of Eq. 3.6 for a weight tensor of this per-head shape: sqrt(fan_in) unless set."""
         return self.simplex_scale if self.simplex_scale is not None else math.sqrt(shape[-1])

@@ -10,7 +10,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from miras_ext.cli import checkpoint
-from miras_ext.cli.trainer import TrainArgs, Trainer
+from miras_ext.cli.arguments import TrainArgs
+from miras_ext.cli.trainer import Trainer
 
 ARGS = dict(preset="yaad", task="mqar", pairs=2, seq_len=16, mqar_vocab=8, batch_size=4, steps=1, quiet=True,
             plot=False)

@@ -13,7 +13,8 @@ import torch
 
 from miras_ext.cli import checkpoint, main
 from miras_ext.cli.harness import hflm
-from miras_ext.cli.trainer import load_model, read_metrics
+from miras_ext.cli.checkpoint_io import load_model
+from miras_ext.cli.trainer import read_metrics
 from miras_ext.tasks import Tokenizer
 
 pytest.importorskip("tokenizers")

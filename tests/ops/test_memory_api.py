@@ -11,7 +11,8 @@ import torch
 
 import miras_ext
 from miras_ext import MemorySpec, MemoryState, memory_forward, memory_step
-from miras_ext.ops import memory as memory_ops
+from miras_ext.ops import autograd as op_autograd
+from miras_ext.ops import presets as op_presets
 from miras_ext import spec_presets
 from miras_ext.reference import chunked
 from ..reference.helpers import one_thread  # noqa: F401  (autouse fixture)
@@ -197,7 +198,7 @@ def test_checkpoint_layout_and_fake_shapes():
     spec = MemorySpec(memory="matrix", bias="l2", retention="l2", lag_token=True)
     args = _op_args(spec, True, T=6)
     o, mem, mom, anc, pos, ck = torch.ops.miras_ext.memory_chunk_fwd(*args)
-    rows = memory_ops.checkpoint_rows(2, 6, 4, True, False)
+    rows = op_autograd.checkpoint_rows(2, 6, 4, True, False)
     assert [tuple(c.shape) for c in ck] == [(rows, 2, 3, 4)] * 2
     # position 1, chunk 4, lag: runs [0, 3) (continues the anchor), [3, 4) (fresh), [4, 6) (lag chunk).
     assert torch.equal(ck[0][:2], args[7][0])  # run 0 starts from the initial memory, rows r * N + n
@@ -221,6 +222,14 @@ def test_checkpoint_layout_and_fake_shapes():
 def test_opcheck(spec):
     torch.library.opcheck(torch.ops.miras_ext.memory_chunk_fwd.default, _op_args(spec, True, requires_grad=True))
     torch.library.opcheck(torch.ops.miras_ext.memory_chunk_fwd.default, _op_args(spec, False))
+
+
+@pytest.mark.parametrize("spec", [MemorySpec(), MemorySpec(**spec_presets.MONETA), MemorySpec(**spec_presets.MEMORA),
+                                  MemorySpec(**spec_presets.TITANS, expansion=2, simplex_scale=0.5),
+                                  MemorySpec(**spec_presets.GATED_DELTA, minibatch=True)])
+def test_decode_inverts_encode(spec):
+    assert MemorySpec.decode(spec.encode()) == spec
+    assert MemorySpec.decode(spec.encode()).encode() == spec.encode()
 
 
 def test_parse_spec_errors_name_the_field():
@@ -295,7 +304,7 @@ def test_presets_pass_their_spec(fn, gates, fields, monkeypatch):
         seen.update(spec=spec, gates=(lr, alpha, momentum, delta), kwargs=kwargs)
         return "called"
 
-    monkeypatch.setattr(memory_ops, "memory_forward", record)
+    monkeypatch.setattr(op_presets, "memory_forward", record)
     x = torch.zeros(1, 2, 1, 4)
     g = {name: torch.full((1, 2, 1), i + 1.0) for i, name in enumerate(gates)}
     assert fn(x, x, x, *g.values(), chunk_size=8, expansion=3) == "called"

@@ -193,7 +193,7 @@ def cmd_train(ns) -> int:
 
 
 def summary(tr, res) -> str:
-    from .trainer import chance
+    from .evaluation import chance
     a, first, last = tr.a, res["first"], res["last"]
     what = {"mqar": "recall accuracy on the queried values", "sniah": "needle retrieval (whole answer right)",
             "lm": "next-token accuracy"}[a.task]
@@ -227,7 +227,9 @@ def _task_from_meta(meta: dict, seq_len=None, pairs=None):
 
 def cmd_eval(ns) -> int:
     import torch
-    from .trainer import evaluate, fmt, load_model, pick_device, set_threads
+    from .checkpoint_io import load_model
+    from .evaluation import evaluate
+    from .trainer import fmt, pick_device, set_threads
     device = pick_device(ns.device)
     set_threads(ns.threads)
     model, meta = load_model(ns.checkpoint, device)
@@ -246,7 +248,8 @@ def cmd_eval(ns) -> int:
 def cmd_generate(ns) -> int:
     import torch
     from ..tasks import Tokenizer
-    from .trainer import load_model, pick_device, set_threads
+    from .checkpoint_io import load_model
+    from .trainer import pick_device, set_threads
     device = pick_device(ns.device)
     set_threads(ns.threads)
     model, meta = load_model(ns.checkpoint, device)
@@ -304,7 +307,8 @@ COMMANDS = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "com
 
 def main(argv: list[str] | None = None) -> int:
     from .checkpoint import CheckpointError
-    from .trainer import Diverged, UsageError
+    from .arguments import UsageError
+    from .trainer import Diverged
     parser = build_parser()
     cmd = "miras"
     try:

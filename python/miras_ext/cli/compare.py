@@ -6,10 +6,11 @@ import json
 import time
 from pathlib import Path
 
-from .arguments import DEFAULT_LEN, train_args_from
+from .arguments import DEFAULT_LEN, UsageError, train_args_from
+from .building import count, make_config, make_task
 from .checkpoint import has_run
 from .progress import Progress, duration
-from .trainer import Diverged, Trainer, UsageError, count, make_config, make_task
+from .trainer import Diverged, Trainer
 
 
 def run_compare(ns) -> int:

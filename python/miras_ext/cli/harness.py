@@ -17,7 +17,8 @@ def hflm(path: str | Path, device: str = "cpu", batch_size: int = 1):
                           "pip install \"lm-eval[hf]\"") from None
     from ..models.hf import MirasHFForCausalLM
     from ..tasks import Tokenizer
-    from .trainer import UsageError, load_model
+    from .arguments import UsageError
+    from .checkpoint_io import load_model
     model, meta = load_model(path, device)
     if meta["task"]["task"] != "lm":
         raise UsageError(f"checkpoint: {path} is a model of the {meta['task']['task']} task, not a text model")

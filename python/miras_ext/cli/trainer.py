@@ -1,4 +1,6 @@
-"""The training loop of `miras train`: AdamW with warmup + cosine decay, gradient clipping and accumulation,
+"""The training loop of `miras train` (its arguments in cli/arguments.py, its model and task in cli/building.py,
+optimiser and schedule in cli/optim.py, evaluation in cli/evaluation.py, checkpoints in cli/checkpoint_io.py,
+DDP/FSDP in cli/distributed.py): AdamW with warmup + cosine decay, gradient clipping and accumulation,
 bfloat16 autocast on GPU, periodic evaluation, checkpoints with exact resume, metrics as JSON lines, and
 DistributedDataParallel / FSDP2 under torchrun.
 
@@ -11,260 +13,30 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch import nn
 
 from ..inputs import NonFiniteError
-from ..models import MirasConfig, MirasForCausalLM, preset
-from ..models.miras_layer import LowRankGate
-from ..tasks import IGNORE, MQAR, SNIAH, Task, TextLM, answer_accuracy
-from ..tasks.text import bits_per_byte
+from ..models import MirasForCausalLM
+from ..tasks import IGNORE, Task, TextLM
 from . import checkpoint
+from .arguments import TrainArgs, UsageError
+from .building import count, make_config, make_task
+from .checkpoint_io import TOKENIZER, save_checkpoint
+from .distributed import dist_env, full_state_dict, init_distributed, wrap
+from .evaluation import evaluate
+from .optim import decay_groups, lr_at
 from .progress import Progress
-
-
-TOKENIZER = "tokenizer.json"  # a trained BPE, kept in the checkpoint
 
 
 class Diverged(RuntimeError):
     """Training produced a non-finite loss or gradient."""
 
-
-class UsageError(ValueError):
-    """A bad argument: reported as one line by the CLI."""
-
-
-@dataclass
-class TrainArgs:
-    preset: str = "moneta-matrix"
-    size: str = "tiny"
-    overrides: dict = field(default_factory=dict)     # MirasConfig fields
-    match_params: int | None = None                   # widen the SwiGLU to reach this many parameters
-    task: str = "mqar"
-    pairs: int = 4
-    mqar_vocab: int = 16                              # keys and values each drawn from this many
-    seq_len: int = 32
-    needles: list = field(default_factory=lambda: ["passkey", "number", "word"])
-    haystack: str = "noise"
-    data: list | None = None
-    hf_dataset: str | None = None
-    tokenizer: str = "bytes"
-    max_bytes: int = 4_000_000
-    steps: int = 150
-    batch_size: int = 32                              # global, in sequences per optimizer step
-    grad_accum: int = 1
-    lr: float = 1e-2
-    min_lr_ratio: float = 0.1
-    warmup: int = 15
-    weight_decay: float = 0.1
-    betas: tuple = (0.9, 0.95)
-    clip: float = 1.0
-    seed: int = 0
-    eval_every: int = 100
-    eval_batches: int = 8
-    save_every: int = 0                               # 0: only at the end
-    log_every: int = 10
-    out: str = "runs/train"
-    resume: bool = False
-    overwrite: bool = False                           # replace a run already in `out`
-    stop_at: int | None = None                        # stop (and save) at this step, as if interrupted
-    device: str = "auto"
-    threads: int = 0
-    fsdp: bool = False
-    plot: bool = True
-    quiet: bool = False
-
-
-# ------------------------------------------------------------------------------------------ building
-
-def make_task(a: TrainArgs) -> Task:
-    if a.task == "mqar":
-        return MQAR(a.pairs, a.seq_len, a.seed, a.mqar_vocab, a.mqar_vocab)
-    if a.task == "sniah":
-        return SNIAH(a.seq_len, tuple(a.needles), a.haystack, a.seed)
-    if a.task == "lm":
-        return TextLM(a.seq_len, a.data, a.hf_dataset, a.tokenizer, a.max_bytes, a.seed)
-    raise UsageError(f"task: expected one of ('mqar', 'sniah', 'lm'), got {a.task!r}")
-
-
-def make_config(a: TrainArgs, vocab_size: int) -> MirasConfig:
-    over = dict(a.overrides)
-    over.setdefault("vocab_size", vocab_size)
-    over.setdefault("max_seq_len", max(a.seq_len, 64))
-    try:
-        cfg = preset(a.preset, a.size, **over)
-    except TypeError as e:
-        raise UsageError(f"set: {e}") from None
-    if a.match_params:
-        cfg = match_parameters(cfg, a.match_params)
-    return cfg
-
-
-def count(cfg: MirasConfig) -> int:
-    with torch.device("meta"):
-        return MirasForCausalLM(cfg).num_parameters()
-
-
-def match_parameters(cfg: MirasConfig, target: int) -> MirasConfig:
-    """The config with the SwiGLU hidden size (a multiple of 8) whose parameter count is closest to target."""
-    per_unit = 3 * cfg.dim * cfg.n_layers
-    base = count(cfg.replace(mlp_hidden=8))
-    hidden = max(8, 8 * round((target - base) / per_unit / 8) + 8)
-    return cfg.replace(mlp_hidden=hidden)
-
-
-def decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on the weights of linear layers and the embedding; none on norms, biases, gates (their
-    low-rank projections, A_log), convolutions and the initial memory states (docs/math.md Sec. 8 pt 14)."""
-    decay, rest = [], []
-    gate_params = {id(p) for m in model.modules() if isinstance(m, LowRankGate) for p in m.parameters()}
-    for module in model.modules():
-        for name, p in module.named_parameters(recurse=False):
-            if not p.requires_grad:
-                continue
-            is_matrix = isinstance(module, (nn.Linear, nn.Embedding)) and name == "weight"
-            (decay if is_matrix and id(p) not in gate_params else rest).append(p)
-    return [dict(params=decay, weight_decay=weight_decay), dict(params=rest, weight_decay=0.0)]
-
-
-def lr_at(step: int, a: TrainArgs) -> float:
-    """Linear warmup over `warmup` steps, then cosine decay to min_lr_ratio * lr at the last step."""
-    if step < a.warmup:
-        return a.lr * (step + 1) / a.warmup
-    span = max(a.steps - a.warmup, 1)
-    progress = min((step - a.warmup) / span, 1.0)
-    return a.lr * (a.min_lr_ratio + (1 - a.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
-# ------------------------------------------------------------------------------------------ evaluation
-
-@torch.no_grad()
-def evaluate(model: nn.Module, task: Task, batches: int, batch_size: int, device, seq_len: int | None = None,
-             autocast=nullcontext) -> dict:
-    """Validation loss and teacher-forced accuracy on the labelled tokens (per needle kind for S-NIAH; bits
-    per byte for byte-level LM); the validation batches are fixed (split "val", steps 0..batches-1)."""
-    was = model.training
-    model.eval()
-    groups = [(n, dict(needles=(n,))) for n in task.needles] if isinstance(task, SNIAH) else [(None, {})]
-    out, loss_sum, tok_sum, right_all, lab_all = {}, 0.0, 0, 0, 0
-    for name, kw in groups:
-        right = labelled = seq_ok = seqs = 0
-        for i in range(batches):
-            ids, labels = task.batch(i, batch_size, "val", seq_len=seq_len, **kw)
-            ids, labels = ids.to(device), labels.to(device)
-            with autocast():
-                res = model(ids, labels=labels)
-            n = int((labels[:, 1:] != IGNORE).sum())
-            loss_sum += float(res.loss) * n
-            tok_sum += n
-            r, l, s, b = answer_accuracy(res.logits.float(), labels)
-            right, labelled, seq_ok, seqs = right + r, labelled + l, seq_ok + s, seqs + b
-        right_all, lab_all = right_all + right, lab_all + labelled
-        if name is not None:
-            out[f"accuracy/{name}"] = seq_ok / seqs      # the whole answer right
-    out["loss"] = loss_sum / max(tok_sum, 1)
-    out["accuracy"] = (sum(out[f"accuracy/{n}"] for n, _ in groups) / len(groups) if isinstance(task, SNIAH)
-                       else right_all / max(lab_all, 1))
-    if isinstance(task, TextLM) and task.tokenizer.name == "bytes":
-        out["bits_per_byte"] = out["loss"] / math.log(2)
-    model.train(was)
-    return out
-
-
-def chance(task: Task) -> str:
-    if isinstance(task, MQAR):
-        return f"chance {1 / task.n_values:.1%}"
-    return ""
-
-
-# ------------------------------------------------------------------------------------------ distributed
-
-def dist_env() -> tuple[int, int, int]:
-    """(rank, world size, local rank) from torchrun's environment; (0, 1, 0) otherwise."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    return int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0"))
-
-
-def init_distributed(device: torch.device) -> None:
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-
-
-def wrap(model: nn.Module, fsdp: bool, device: torch.device) -> nn.Module:
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return model
-    if fsdp:
-        from torch.distributed.fsdp import fully_shard
-        for block in model.blocks:
-            fully_shard(block)
-        fully_shard(model)
-        return model
-    from torch.nn.parallel import DistributedDataParallel as DDP
-    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    return model.module if hasattr(model, "module") else model
-
-
-# ------------------------------------------------------------------------------------------ checkpoints
-
-def full_state_dict(model: nn.Module) -> dict:
-    inner = unwrap(model)
-    if any(type(p).__name__ == "DTensor" for p in inner.parameters()):    # FSDP2: gather the shards
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-        return get_model_state_dict(inner, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return inner.state_dict()
-
-
-def save_checkpoint(run: Path, model, optimizer, step: int, meta: dict, extra: dict, bpe=None) -> None:
-    """Write run/checkpoint.new (rank 0 the weights, config and a trained BPE `bpe` as tokenizer.json, every
-    FSDP rank its optimizer shard) and swap it in for run/checkpoint (cli/checkpoint.py)."""
-    from safetensors.torch import save_file
-    rank, world, _ = dist_env()
-    state = full_state_dict(model)
-    opt_state = optimizer.state_dict()
-    tmp = run / checkpoint.STAGING
-    if rank == 0:
-        checkpoint.staging(run)
-        save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp / "model.safetensors"))
-        (tmp / "config.json").write_text(json.dumps(meta, indent=1, default=str) + "\n")
-        if bpe is not None:
-            bpe.save(str(tmp / TOKENIZER))
-    if world > 1:
-        dist.barrier()
-    if rank == 0 or any(type(p).__name__ == "DTensor" for p in unwrap(model).parameters()):
-        name = "trainer.pt" if world == 1 or rank == 0 else f"trainer-rank{rank}.pt"
-        torch.save(dict(step=step, optimizer=opt_state, rng=torch.get_rng_state(), **extra), tmp / name)
-    if world > 1:
-        dist.barrier()
-    if rank == 0:
-        checkpoint.commit(run, step)
-    if world > 1:
-        dist.barrier()
-
-
-def load_model(path: str | Path, device="cpu") -> tuple[MirasForCausalLM, dict]:
-    """The model of a checkpoint (a run folder or its checkpoint/ folder) and the checkpoint's config.json,
-    after checking every file against the checkpoint's manifest."""
-    ckpt = checkpoint.find_checkpoint(path)
-    checkpoint.verify(ckpt)
-    meta = checkpoint.load_json(ckpt / "config.json")
-    if (ckpt / TOKENIZER).exists():  # the run's trained BPE: load it rather than train it again
-        meta["train"]["tokenizer"] = str(ckpt / TOKENIZER)
-    model = MirasForCausalLM(MirasConfig.from_dict(meta["model"]))
-    model.load_state_dict(checkpoint.load_tensors(ckpt / "model.safetensors", device))
-    return model.to(device), meta
-
-
-# ------------------------------------------------------------------------------------------ training
 
 def set_threads(n: int) -> None:
     """torch's CPU thread count (0: leave torch's choice)."""
