@@ -3,14 +3,12 @@
 
 #include <string>
 
+#include "common/algorithm.h"
 #include "common/bias.h"
+#include "common/memory.h"
 #include "common/retention.h"
 
 namespace miras {
-
-enum class Memory { Vector, Matrix, Mlp };
-enum class Activation { Gelu, Silu };
-enum class Algorithm { Gd, Momentum };
 
 struct MemoryParams {
   Memory memory = Memory::Matrix;

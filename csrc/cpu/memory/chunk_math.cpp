@@ -162,19 +162,11 @@ Tensor activation(const MemoryParams& p, const Tensor& u) {
 }
 
 Tensor activation_grad(const MemoryParams& p, const Tensor& u) {
-  if (p.activation == Activation::Gelu) {  // Phi(u) + u phi(u)
-    return 0.5 * (1 + at::erf(u * M_SQRT1_2)) + u * at::exp(-0.5 * u * u) * (0.5 * M_2_SQRTPI * M_SQRT1_2);
-  }
-  const Tensor s = at::sigmoid(u);
-  return s * (1 + u * (1 - s));
+  return p.activation == Activation::Gelu ? gelu_grad(u) : silu_grad(u, at::sigmoid(u));
 }
 
 Tensor activation_grad2(const MemoryParams& p, const Tensor& u) {
-  if (p.activation == Activation::Gelu) {  // phi(u) (2 - u^2)
-    return at::exp(-0.5 * u * u) * (0.5 * M_2_SQRTPI * M_SQRT1_2) * (2 - u * u);
-  }
-  const Tensor s = at::sigmoid(u);
-  return s * (1 - s) * (2 + u * (1 - 2 * s));
+  return p.activation == Activation::Gelu ? gelu_grad2(u) : silu_grad2(u, at::sigmoid(u));
 }
 
 namespace {
@@ -195,21 +187,21 @@ Tensor layer_norm(const MemoryParams& p, const Tensor& u) { return normalise(p, 
 
 Tensor layer_norm_backward(const MemoryParams& p, const Tensor& u, const Tensor& g) {
   const auto [xhat, rstd] = normalise(p, u);
-  return rstd * (g - g.mean(-1, true) - xhat * (g * xhat).mean(-1, true));
+  return layer_norm_vjp(rstd, g, g.mean(-1, true), xhat, (g * xhat).mean(-1, true));
 }
 
 LayerNormBackwardGrads layer_norm_backward_backward(const MemoryParams& p, const Tensor& u, const Tensor& g,
                                                    const Tensor& grad) {
   // f = r (g - mean(g) - xhat m), m = mean(g xhat); with a = <grad, g - mean g>, b = <grad, xhat>:
-  // df/du^T grad = -(a - m b) r^2 xhat / n - r b dm/du - r m db/du, dm/du = LNb(u, g) / n, db/du = LNb(u, grad).
+  // df/du^T grad = -(a - m b) r^2 xhat / n - r b dm/du - r m db/du, dm/du = LNb(u, g) / n, db/du = LNb(u, grad)
+  // (common/memory.h).
   const auto [xhat, rstd] = normalise(p, u);
   const double n = double(u.size(-1));
   const Tensor a = (grad * (g - g.mean(-1, true))).sum(-1, true);
   const Tensor b = (grad * xhat).sum(-1, true);
   const Tensor m = (g * xhat).mean(-1, true);
   const Tensor db = layer_norm_backward(p, u, grad);
-  const Tensor du =
-      -(a - m * b) * rstd * rstd * xhat / n - rstd * b * layer_norm_backward(p, u, g) / n - rstd * m * db;
+  const Tensor du = layer_norm_vjp_du(a, b, m, rstd, xhat, layer_norm_backward(p, u, g), db, n);
   return {db, du};
 }
 

@@ -121,12 +121,12 @@ inline void update_row(const Dims& D, const Token<T>& k, const T* ea, int64_t o,
       const T m = k.m[gi];
 #pragma omp simd
       for (int64_t i = 0; i < in; ++i) {
-        s[i] = m * sp[i] - coef * k.a[i];
-        z[i] = al * zp[i] + s[i];
+        s[i] = momentum_step(m, sp[i], coef * k.a[i]);
+        z[i] = momentum_apply(al, zp[i], s[i]);
       }
     } else {
 #pragma omp simd
-      for (int64_t i = 0; i < in; ++i) z[i] = al * zp[i] - coef * k.a[i];
+      for (int64_t i = 0; i < in; ++i) z[i] = gd_step(al, zp[i], coef * k.a[i]);
     }
     return;
   }
@@ -134,12 +134,12 @@ inline void update_row(const Dims& D, const Token<T>& k, const T* ea, int64_t o,
   if constexpr (Mom) {
 #pragma omp simd
     for (int64_t i = 0; i < in; ++i) {
-      s[i] = k.m[i] * sp[i] - dv * ea[i];
-      z[i] = k.al[i] * zp[i] + s[i];
+      s[i] = momentum_step(k.m[i], sp[i], dv * ea[i]);
+      z[i] = momentum_apply(k.al[i], zp[i], s[i]);
     }
   } else {
 #pragma omp simd
-    for (int64_t i = 0; i < in; ++i) z[i] = k.al[i] * zp[i] - dv * ea[i];
+    for (int64_t i = 0; i < in; ++i) z[i] = gd_step(k.al[i], zp[i], dv * ea[i]);
   }
 }
 

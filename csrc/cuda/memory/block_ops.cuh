@@ -7,6 +7,7 @@
 #include <cstdint>
 
 #include "common/bias.h"
+#include "common/memory.h"
 #include "cuda/acc_types.cuh"
 #include "cuda/memory/memory_args.h"
 
@@ -34,30 +35,25 @@ __device__ __forceinline__ A warp_max(A x) {
   return x;
 }
 
-// s(u), s'(u), s''(u) of GELU (exact, erf) or SiLU (Eq. 1.3).
+// s(u), s'(u), s''(u) of GELU (exact, erf) or SiLU (Eq. 1.3; common/memory.h).
+template <typename A>
+__device__ __forceinline__ A sigmoid_of(A u) {
+  using std::exp;
+  return A(1) / (A(1) + exp(-u));
+}
 template <typename A>
 __device__ __forceinline__ A act(bool gelu, A u) {
-  using std::erf;
   using std::exp;
-  if (gelu) return A(0.5) * u * (A(1) + erf(u * A(M_SQRT1_2)));
+  if (gelu) return miras::gelu(u);
   return u / (A(1) + exp(-u));
 }
 template <typename A>
 __device__ __forceinline__ A act_grad(bool gelu, A u) {
-  using std::erf;
-  using std::exp;
-  if (gelu) {
-    return A(0.5) * (A(1) + erf(u * A(M_SQRT1_2))) + u * exp(A(-0.5) * u * u) * A(0.5 * M_2_SQRTPI * M_SQRT1_2);
-  }
-  const A s = A(1) / (A(1) + exp(-u));
-  return s * (A(1) + u * (A(1) - s));
+  return gelu ? miras::gelu_grad(u) : miras::silu_grad(u, sigmoid_of(u));
 }
 template <typename A>
 __device__ __forceinline__ A act_grad2(bool gelu, A u) {
-  using std::exp;
-  if (gelu) return exp(A(-0.5) * u * u) * A(0.5 * M_2_SQRTPI * M_SQRT1_2) * (A(2) - u * u);
-  const A s = A(1) / (A(1) + exp(-u));
-  return s * (A(1) - s) * (A(2) + u * (A(1) - A(2) * s));
+  return gelu ? miras::gelu_grad2(u) : miras::silu_grad2(u, sigmoid_of(u));
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -100,7 +96,7 @@ __device__ void row_layer_norm_backward(const A* u, const A* g, A* out, int n, A
   }
   const A mg = warp_sum(sg) / A(n), mgx = warp_sum(sgx) / A(n);
   for (int j = lane; j < n; j += kWarp) {
-    const A r = st.rstd * (g[j] - mg - (u[j] - st.mean) * st.rstd * mgx);
+    const A r = layer_norm_vjp(st.rstd, g[j], mg, (u[j] - st.mean) * st.rstd, mgx);
     out[j] = accumulate ? out[j] + r : r;
   }
 }
@@ -129,10 +125,10 @@ __device__ void row_layer_norm_double_backward(const A* u, const A* g, const A* 
   const A a_val = warp_sum(s_gradg) - mg * mgrad * nn;
   for (int j = lane; j < n; j += kWarp) {
     const A x = (u[j] - st.mean) * r;
-    const A db = r * (grad[j] - mgrad - x * b / nn);
-    const A lng = r * (g[j] - mg - x * m);
+    const A db = layer_norm_vjp(r, grad[j], mgrad, x, b / nn);
+    const A lng = layer_norm_vjp(r, g[j], mg, x, m);
     dg[j] = db;
-    du[j] += -(a_val - m * b) * r * r * x / nn - r * b * lng / nn - r * m * db;
+    du[j] += layer_norm_vjp_du(a_val, b, m, r, x, lng, db, nn);
   }
 }
 

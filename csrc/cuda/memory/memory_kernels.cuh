@@ -14,6 +14,7 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "common/algorithm.h"
 #include "common/factored_floor.h"
 #include "cuda/acc_types.cuh"
 #include "cuda/memory/block_gemm.cuh"
@@ -294,11 +295,11 @@ struct MemoryBlock {
           const A grad = d[i] * a[j];
           A z = zsrc[l][x];
           if (sp.momentum) {
-            const A sv = m[c] * ssrc[l][x] - e[c] * grad;
+            const A sv = momentum_step(m[c], ssrc[l][x], e[c] * grad);
             sdst[l][x] = sv;
-            z = al[c] * z + sv;
+            z = momentum_apply(al[c], z, sv);
           } else {
-            z = al[c] * z - e[c] * grad;
+            z = gd_step(al[c], z, e[c] * grad);
           }
           zdst[l][x] = z;
           if (sp.retention == Retention::Kl) {
