@@ -98,6 +98,11 @@ def main() -> None:
     ap.add_argument("--token-reps", type=int, default=2, help="repetitions of token-1 at T > 1024")
     ap.add_argument("--quick", action="store_true", help="T = 256, 2 repetitions")
     args = ap.parse_args()
+    for name in ("reps", "token_reps"):
+        if getattr(args, name) < 1:
+            ap.error(f"--{name.replace('_', '-')}: expected an integer >= 1, got {getattr(args, name)}")
+    if args.warmup < 0:
+        ap.error(f"--warmup: expected an integer >= 0, got {args.warmup}")
     if args.quick:
         args.lengths, args.reps, args.warmup = [256], 2, 1
     torch.manual_seed(0)
