@@ -10,7 +10,9 @@
 
 namespace miras {
 
-// Inputs of a run of n tokens, in the compute dtype (float32 or float64), contiguous.
+// Inputs of a run of n tokens, in the compute dtype (float32 or float64): views into the op's flattened
+// inputs (a group's rows strided by T). The delta run reads them in place; the general run copies them
+// contiguous first (chunk::contiguous_inputs).
 struct ChunkInputs {
   at::Tensor q, k, v;                  // [G, n, Dk], [G, n, Dk], [G, n, Dv]; q not yet scaled
   at::Tensor lr, alpha, momentum, delta;  // [G, n] or [G, n, Dv]; undefined when the spec has no such gate
@@ -22,7 +24,8 @@ struct ChunkState {
 };
 
 // Runs n tokens from `state` (the anchor already refreshed by the caller where the run starts a chunk,
-// Eq. 5.6) and leaves the end state in `state`. Returns o [G, n, Dv].
+// Eq. 5.6) and leaves the end state in `state`, whose tensors the caller owns: a run may update them in
+// place. Returns o [G, n, Dv].
 at::Tensor chunk_forward(const MemoryParams& params, const ChunkInputs& in, ChunkState& state);
 
 // Gradients of one run. `start` is the state chunk_forward started from; grad_o [G, n, Dv]; grad_end the

@@ -176,10 +176,13 @@ void anchor_backward(const MemoryParams& p, const Forward& f, const ChunkInputs&
 
 namespace miras {
 
-ChunkGrads chunk_backward(const MemoryParams& p, const ChunkInputs& in, const ChunkState& start,
+ChunkGrads chunk_backward(const MemoryParams& p, const ChunkInputs& given, const ChunkState& start,
                           const at::Tensor& grad_o, const ChunkState& grad_end) {
   using namespace chunk;
-  const Forward f = run_forward(p, in, start);
+  Coefficients coeffs = run_coefficients(p, given);
+  if (delta_run_applies(p, coeffs)) return delta_run_backward(p, coeffs, given, start, grad_o, grad_end);
+  const ChunkInputs in = contiguous_inputs(given);
+  const Forward f = run_forward(p, in, start, std::move(coeffs));
   const Coefficients& c = f.c;
   const int L = p.num_layers();
   const int64_t n = in.k.size(1);
@@ -298,13 +301,8 @@ ChunkGrads chunk_backward(const MemoryParams& p, const ChunkInputs& in, const Ch
     out.lr = g.de;
     if (in.alpha.defined()) out.alpha = g.dalpha;
     out.momentum = g.dmom;
-  } else if (c.factored) {  // e~ = e / A, A = cumprod(alpha); alpha > 0 here
-    out.lr = g.det / c.alpha.cum;
-    if (in.alpha.defined()) {
-      const Tensor dA = g.dA - g.det * c.et / c.alpha.cum;
-      const Tensor alpha = in.alpha.dim() == 3 ? in.alpha : in.alpha.unsqueeze(-1);
-      out.alpha = at::flip(at::cumsum(at::flip(dA * c.alpha.cum, {1}), 1), {1}) / alpha;
-    }
+  } else if (c.factored) {
+    factored_gate_grads(c, in, g.det, g.dA, out);
   } else if (p.momentum()) {
     const Tensor dCm = g.dC * e_cols;
     de = (g.dC * c.Cm).sum(1) + (g.dCS * c.mom.D).sum(1);
@@ -328,13 +326,7 @@ ChunkGrads chunk_backward(const MemoryParams& p, const ChunkInputs& in, const Ch
     if (in.alpha.defined()) out.alpha = decay_backward(c.alpha, dDa, g.dA);
     out.lr = de;
   }
-  // Gates given one per head come back in their own shape.
-  const auto shaped = [](const Tensor& grad, const Tensor& gate) {
-    return !grad.defined() || gate.dim() == 3 ? grad : grad.squeeze(-1);
-  };
-  out.lr = shaped(out.lr, in.lr);
-  out.alpha = shaped(out.alpha, in.alpha);
-  out.momentum = shaped(out.momentum, in.momentum);
+  shape_gate_grads(in, out);
   out.q = dx * p.scale;
   return out;
 }

@@ -70,17 +70,23 @@ LoopInputs loop_inputs(const Forward& f, const ChunkInputs& in, int l, const Ten
                     as_channels(in.momentum), f.side[l]};
 }
 
-Forward run_forward(const MemoryParams& p, const ChunkInputs& in, const ChunkState& start) {
+Coefficients run_coefficients(const MemoryParams& p, const ChunkInputs& in) {
+  // Contiguous: the token loop reads the gates' data in place.
+  const auto gate = [](const Tensor& g) { return g.defined() ? as_channels(g).contiguous() : g; };
+  if (uses_token_loop(p)) {  // the token loop (Eq. 5.20) takes the gates as they are
+    Coefficients c;
+    c.e = gate(in.lr);
+    return c;
+  }
+  return coefficients(p, gate(in.lr), gate(in.alpha), gate(in.momentum));
+}
+
+Forward run_forward(const MemoryParams& p, const ChunkInputs& in, const ChunkState& start, Coefficients c) {
   Forward f;
   const int L = p.num_layers();
-  const Tensor lr = as_channels(in.lr);
-  f.Dg = lr.size(-1);
+  f.c = std::move(c);
+  f.Dg = f.c.e.size(-1);
   for (int l = 0; l < L; ++l) f.side.push_back(gate_side(p, l, p.per_channel));
-  if (uses_token_loop(p)) {  // the token loop (Eq. 5.20) takes the gates as they are
-    f.c.e = lr;
-  } else {
-    f.c = coefficients(p, lr, as_channels(in.alpha), as_channels(in.momentum));
-  }
   const bool residual = p.memory == Memory::Mlp && p.residual_norm;
 
   if (p.exact_chunks()) {  // the delta rule's exact gradients G_t = r_t k_t^T (Eqs. 5.13-5.16)
@@ -119,12 +125,15 @@ Forward run_forward(const MemoryParams& p, const ChunkInputs& in, const ChunkSta
 
 namespace miras {
 
-at::Tensor chunk_forward(const MemoryParams& p, const ChunkInputs& in, ChunkState& state) {
+at::Tensor chunk_forward(const MemoryParams& p, const ChunkInputs& given, ChunkState& state) {
   using namespace chunk;
   TORCH_CHECK_VALUE(p.memory != Memory::Vector,
                     "memory: the compiled op implements matrix and mlp memory; vector memory runs in "
                     "miras_ext.reference");
-  const Forward f = run_forward(p, in, state);
+  Coefficients coeffs = run_coefficients(p, given);
+  if (delta_run_applies(p, coeffs)) return delta_run_forward(p, coeffs, given, state);
+  const ChunkInputs in = contiguous_inputs(given);
+  const Forward f = run_forward(p, in, state, std::move(coeffs));
   if (uses_token_loop(p)) {  // the token loop's end state (grad_at_retained is l2 only)
     state.memory = f.zend;
     if (p.momentum()) state.momentum = f.send;

@@ -240,4 +240,27 @@ BiasGrads bias_backward(const MemoryParams& p, const Tensor& grad, const Tensor&
   return {gy, gv, gd};
 }
 
+void factored_gate_grads(const Coefficients& c, const ChunkInputs& in, const Tensor& det, const Tensor& dA,
+                         ChunkGrads& out) {
+  out.lr = det / c.alpha.cum;
+  if (!in.alpha.defined()) return;
+  // dA_t in full, then dalpha_j = sum_{t >= j} dA_t A_t / alpha_j (alpha > 0 on a factored run).
+  const Tensor da = dA - det * c.et / c.alpha.cum;
+  out.alpha = at::flip(at::cumsum(at::flip(da * c.alpha.cum, {1}), 1), {1}) / as_channels(in.alpha);
+}
+
+ChunkInputs contiguous_inputs(const ChunkInputs& in) {
+  const auto c = [](const Tensor& x) { return x.defined() ? x.contiguous() : x; };
+  return ChunkInputs{c(in.q), c(in.k), c(in.v), c(in.lr), c(in.alpha), c(in.momentum), c(in.delta)};
+}
+
+void shape_gate_grads(const ChunkInputs& in, ChunkGrads& out) {
+  const auto shaped = [](const Tensor& grad, const Tensor& gate) {
+    return !grad.defined() || gate.dim() == 3 ? grad : grad.squeeze(-1);
+  };
+  out.lr = shaped(out.lr, in.lr);
+  out.alpha = shaped(out.alpha, in.alpha);
+  out.momentum = shaped(out.momentum, in.momentum);
+}
+
 }  // namespace miras::chunk

@@ -120,6 +120,30 @@ struct DeltaSolveGrads {
 DeltaSolveGrads delta_residuals_backward(const MemoryParams& p, const Coefficients& c, const DeltaSolve& s,
                                          const Tensor& k, const Tensor& z0, const Tensor& dr);
 
+// The exact delta rule on a factored run with a gate per head, the presets' case, as one specialised run
+// (cpu/memory/delta_rule.cpp): Eqs. 5.12-5.19 with the gates folded into the keys, so that L is one product
+// (A' (.) K)(e~ (.) K)^T, and the read and end state written for the matrix memory with fused products.
+// Other exact runs (gates per channel, runs that do not factor) take delta_residuals and the general run.
+inline bool delta_run_applies(const MemoryParams& p, const Coefficients& c) {
+  return p.exact_chunks() && c.factored && c.e.size(-1) == 1;
+}
+Tensor delta_run_forward(const MemoryParams& p, const Coefficients& c, const ChunkInputs& in, ChunkState& state);
+ChunkGrads delta_run_backward(const MemoryParams& p, const Coefficients& c, const ChunkInputs& in,
+                              const ChunkState& start, const Tensor& grad_o, const ChunkState& grad_end);
+
+// The gates' gradients of a factored run (Eq. 9.5 with e~ = e / A, A = cumprod(alpha)) from those of e~
+// and A, each [G, n, Dg], in the gates' own shapes.
+void factored_gate_grads(const Coefficients& c, const ChunkInputs& in, const Tensor& det, const Tensor& dA,
+                         ChunkGrads& out);
+// Gate gradients [G, n, 1] of gates given one per head ([G, n]) back in that shape.
+void shape_gate_grads(const ChunkInputs& in, ChunkGrads& out);
+
+// The run's inputs as contiguous tensors (the general run reshapes them with view()).
+ChunkInputs contiguous_inputs(const ChunkInputs& in);
+
+// The coefficients of a run (Eqs. 5.7-5.9, 5.12); token-loop runs only keep e.
+Coefficients run_coefficients(const MemoryParams& p, const ChunkInputs& in);
+
 // Everything the forward of a run computes; the backward recomputes it from the run's start state.
 struct Forward {
   int64_t Dg = 1;
@@ -136,7 +160,7 @@ struct Forward {
   std::vector<Tensor> zend, send;         // end states of token-loop runs (Eq. 5.20)
   Tensor o;
 };
-Forward run_forward(const MemoryParams& p, const ChunkInputs& in, const ChunkState& start);
+Forward run_forward(const MemoryParams& p, const ChunkInputs& in, const ChunkState& start, Coefficients c);
 
 // Runs whose read takes the token loop (Eq. 5.20): every nonlinear link, and momentum, whose coefficients
 // (Eq. 5.9) do not factor; grad_at_retained (Eq. 5.2, l2 only) keeps the chunk form.

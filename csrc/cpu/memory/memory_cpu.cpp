@@ -134,10 +134,10 @@ void for_each_item(const Problem& P, F&& f) {
   }
 }
 
-// Rows of a token-major tensor [rows, T, ...] for one item and run, contiguous (a copy).
+// Rows of a token-major tensor [rows, T, ...] for one item and run (a view).
 at::Tensor run_slice(const at::Tensor& x, const Item& it, const Run& r) {
   if (!x.defined()) return x;
-  return x.narrow(0, it.in_row0, it.G).narrow(1, it.t0 + r.start, r.end - r.start).contiguous();
+  return x.narrow(0, it.in_row0, it.G).narrow(1, it.t0 + r.start, r.end - r.start);
 }
 
 ChunkInputs run_inputs(const Flat& in, const Item& it, const Run& r) {
