@@ -146,9 +146,16 @@ ChunkInputs run_inputs(const Flat& in, const Item& it, const Run& r) {
                      run_slice(in.delta, it, r)};
 }
 
+// The runs of all items cover every (row, token) of `out` exactly once, so outputs are allocated
+// uninitialised and each run writes its rows: its value, or zeros where the run has none (an undefined
+// gradient).
 void write_run(const at::Tensor& out, const Item& it, const Run& r, const at::Tensor& value) {
-  if (!value.defined()) return;  // the output was zero-initialised
-  out.narrow(0, it.in_row0, it.G).narrow(1, it.t0 + r.start, r.end - r.start).copy_(value);
+  at::Tensor dst = out.narrow(0, it.in_row0, it.G).narrow(1, it.t0 + r.start, r.end - r.start);
+  if (value.defined()) {
+    dst.copy_(value);
+  } else {
+    dst.zero_();
+  }
 }
 
 at::Tensor add_defined(const at::Tensor& a, const at::Tensor& b) {
@@ -176,7 +183,7 @@ FwdResult memory_chunk_fwd_cpu(const at::Tensor& q, const at::Tensor& k, const a
 
   const Flat in = flatten_inputs(P, q, k, v, lr, alpha, momentum, delta);
   const auto fopts = q.options().dtype(P.ct);
-  at::Tensor o = at::zeros({P.B * P.H, P.T, P.Dv}, fopts);
+  at::Tensor o = at::empty({P.B * P.H, P.T, P.Dv}, fopts);
   TensorVec mem, mom, anc;
   for (int l = 0; l < L; ++l) mem.push_back(flat_state_copy(memory[l], P, l));
   for (int l = 0; l < M; ++l) mom.push_back(flat_state_copy(momentum_state[l], P, l));
@@ -237,10 +244,10 @@ BwdResult memory_chunk_bwd_cpu(const at::Tensor& grad_o, at::TensorList grad_mem
 
   const Flat in = flatten_inputs(P, q, k, v, lr, alpha, momentum, delta);
   const at::Tensor go = flat_tokens(grad_o, P.ct);
-  auto zeros_like_opt = [](const at::Tensor& x) { return x.defined() ? at::zeros_like(x) : at::Tensor(); };
-  const Flat g{at::zeros_like(in.q),         at::zeros_like(in.k),           at::zeros_like(in.v),
-               at::zeros_like(in.lr),        zeros_like_opt(in.alpha),       zeros_like_opt(in.momentum),
-               zeros_like_opt(in.delta)};
+  auto empty_like_opt = [](const at::Tensor& x) { return x.defined() ? at::empty_like(x) : at::Tensor(); };
+  const Flat g{at::empty_like(in.q),         at::empty_like(in.k),           at::empty_like(in.v),
+               at::empty_like(in.lr),        empty_like_opt(in.alpha),       empty_like_opt(in.momentum),
+               empty_like_opt(in.delta)};
   const auto fopts = q.options().dtype(P.ct);
   TensorVec gmem, gmom, ganc;
   auto start_grads = [&](TensorVec& out, const TensorVec& end, int count) {
