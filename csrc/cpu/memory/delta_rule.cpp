@@ -41,6 +41,11 @@ Tensor shift_down(const Tensor& x, double first) {
   return out;
 }
 
+// Eq. 5.14: A'_t = A_t for grad_at_retained (Eq. 3.2), A_{t-1} otherwise (Eq. 3.1).
+Tensor a_prime(const MemoryParams& p, const Coefficients& c) {
+  return p.grad_at_retained ? c.alpha.cum : shift_down(c.alpha.cum, 1.0);
+}
+
 Tensor strict_lower(int64_t n, const Tensor& like) { return at::ones({n, n}, like.options()).tril(-1); }
 
 // (I + L)^{-1} b, or (I + L)^{-T} b, for L strictly lower [G * Dg, n, n] and b [G * Dg, n, m], solved from
@@ -58,7 +63,7 @@ Tensor unit_lower_solve(const Tensor& L, const Tensor& b, bool transposed) {
 // (Eq. 5.16), the factored gradients d~ = e~ (.) R and the read's masked K-Q products.
 struct DeltaRun {
   bool decays;        // a retention gate: without one A = A' = 1 and no product scales by them
-  Tensor ap, ak, ek;  // A' [G, n, 1]; A' (.) K and e~ (.) K [G, n, Dk]
+  Tensor ap, ak, ek;  // A' [G, n, 1] (undefined without decay); A' (.) K and e~ (.) K [G, n, Dk]
   Tensor sys;         // (A' (.) K)(e~ (.) K)^T [G, n, n]: L below the diagonal; the solves read no more
   Tensor r, d;        // R and e~ (.) R [G, n, Dv]
   Tensor qk;          // Q K^T on and below the diagonal [G, n, n] (q unscaled)
@@ -67,7 +72,7 @@ struct DeltaRun {
 DeltaRun delta_run(const MemoryParams& p, const Coefficients& c, const ChunkInputs& in, const Tensor& z0) {
   DeltaRun s;
   s.decays = in.alpha.defined();
-  s.ap = p.grad_at_retained ? c.alpha.cum : shift_down(c.alpha.cum, 1.0);
+  if (s.decays) s.ap = a_prime(p, c);
   s.ak = s.decays ? in.k * s.ap : in.k;
   s.ek = in.k * c.et;
   s.sys = at::bmm(s.ak, s.ek.transpose(1, 2));
@@ -175,8 +180,7 @@ DeltaSolve delta_residuals(const MemoryParams& p, const Coefficients& c, const T
                            const Tensor& z0) {
   DeltaSolve s;
   const int64_t G = k.size(0), n = k.size(1), Dg = c.e.size(-1);
-  // Eq. 5.14: A'_t = A_t for grad_at_retained (Eq. 3.2), A_{t-1} otherwise (Eq. 3.1).
-  s.ap = p.grad_at_retained ? c.alpha.cum : shift_down(c.alpha.cum, 1.0);
+  s.ap = a_prime(p, c);
   s.kk = at::matmul(k, k.transpose(-1, -2));
   s.kz = at::matmul(k, z0.transpose(-1, -2));
   const Tensor kk = Dg == 1 ? s.kk : s.kk.repeat_interleave(Dg, 0);  // [G * Dg, n, n]
