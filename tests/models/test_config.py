@@ -28,6 +28,7 @@ from .helpers import tiny_model, tokens
     (dict(swa_window=0), "swa_window"),
     (dict(vocab_size=0), "vocab_size"),
     (dict(output_gate="relu"), "output_gate"),
+    (dict(memory_init="zeros"), "memory_init"),
 ])
 def test_invalid_config_names_the_field(kwargs, field):
     with pytest.raises(ValueError, match=rf"^{field}:"):

@@ -121,3 +121,48 @@ def test_hugging_face_paths_build_the_documented_gates(tmp_path):
         loaded = AutoModelForCausalLM.from_pretrained(tmp_path / name)
         for layer in miras_layers(loaded):
             check_layer(layer, want, f"{name} from_pretrained")
+
+
+# The documented initial memory state (docs/models.md, "What every preset starts with"): the presets whose
+# MLP memory starts empty, its last layer zero; every other MLP layer N(0, 1/fan_in); matrices zero.
+ZERO_LAST = {"yaad", "yaad-h"}
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_fresh_model_initial_state_is_the_documented_one(name):
+    torch.manual_seed(0)
+    config = preset(name)
+    for i, layer in enumerate(miras_layers(MirasForCausalLM(config))):
+        weights = list(layer.initial_state)
+        for j, w in enumerate(weights):
+            where = f"{name} layer {i} weight {j}"
+            if config.memory.memory != "mlp" or (name in ZERO_LAST and j == len(weights) - 1):
+                assert torch.count_nonzero(w) == 0, f"{where}: expected zeros"
+            else:
+                std = w.detach().std().item() * w.shape[-1] ** 0.5  # N(0, 1/fan_in): 1 after scaling
+                assert 0.9 < std < 1.1, f"{where}: std * sqrt(fan_in) = {std:.3f}, expected 1"
+
+
+def test_an_empty_residual_memory_reads_its_query():
+    """With the last layer zero, x + LN(f(x)) reads x exactly (LN(0) = 0) until the first write."""
+    torch.manual_seed(0)
+    layer = miras_layers(MirasForCausalLM(preset("yaad")))[0]
+    from miras_ext import reference
+    q = torch.nn.functional.normalize(torch.randn(1, 5, 2, 32), dim=-1)
+    lr = torch.zeros(1, 5, 2, 32)
+    alpha, delta = torch.ones(1, 5, 2, 32), torch.ones(1, 5, 2)
+    o, _ = reference.chunked(q, q, torch.randn(1, 5, 2, 32), layer.spec, lr, alpha, None, delta,
+                             initial_state=tuple(layer.initial_state), chunk_size=1)
+    assert ((o - q).norm() / q.norm()).item() < 1e-6
+
+
+def test_hugging_face_paths_keep_the_initial_state(tmp_path):
+    pytest.importorskip("transformers")
+    from transformers import AutoModelForCausalLM
+
+    from miras_ext.models.hf import MirasHFConfig, MirasHFForCausalLM
+    config = MirasHFConfig.from_preset("yaad", "tiny")
+    for model in (MirasHFForCausalLM.from_preset("yaad", "tiny"), AutoModelForCausalLM.from_config(config)):
+        for layer in miras_layers(model):
+            assert torch.count_nonzero(layer.initial_state[-1]) == 0
+            assert torch.count_nonzero(layer.initial_state[0]) > 0

@@ -13,6 +13,7 @@ LR_GATES = ("sigmoid", "one", "dt")          # lr_max * sigmoid | constant 1 | d
 ALPHA_GATES = ("sigmoid", "fixed", "decay")  # sigmoid (bias +4) | RetNet gamma per head | exp(-exp(A_log) dt)
 OUTPUT_GATES = ("silu", "sigmoid")
 BACKENDS = ("op", "reference")
+MEMORY_INITS = ("normal", "zero_last")      # MLP memory's initial state: every layer N(0, 1/fan_in) | last layer 0
 
 
 def _positive_int(name: str, value) -> None:
@@ -37,6 +38,10 @@ class MirasConfig:
                        RetNet) or "dt" (dt = softplus(. + dt_bias), Mamba2; needs alpha_gate "decay").
     alpha_gate:        "sigmoid" (bias +4, alpha ~ 0.98), "fixed" (RetNet gamma_h = 1 - 2^(-5 - h), a buffer)
                        or "decay" (exp(-exp(A_log) * dt), Mamba2 / Gated DeltaNet). Unused for retention "none".
+    memory_init:       the MLP memory's learnable initial state: "normal" (every layer N(0, 1/fan_in)) or
+                       "zero_last" (the last layer's tensor zero, so the memory reads 0, Memora's uniform
+                       rows, before its first write, as the matrix memory does; docs/models.md, "What
+                       isolates the failure"). Matrix and vector memory always start at zero.
     per_channel_gates: lr, alpha, momentum per channel [B, T, H, Dv] (Eq. 3.4) instead of per head.
     gate_rank:         rank r of the gate projections x -> R^r -> R^{H (Dv)}.
     lr_max:            eta_max of the sigmoid learning rate.
@@ -58,6 +63,7 @@ class MirasConfig:
     mixers: tuple[str, ...] | None = None
     memory: MemorySpec = field(default_factory=lambda: MemorySpec(memory="mlp", bias="lp", p=3.0, retention="lq",
                                                                    norm_order=4.0))
+    memory_init: str = "normal"
     lr_gate: str = "sigmoid"
     alpha_gate: str = "sigmoid"
     per_channel_gates: bool = True
@@ -100,7 +106,8 @@ class MirasConfig:
             raise ValueError(f"memory: expected a MemorySpec or a dict of its fields, got {type(self.memory).__name__}")
         for name, value, allowed in (("lr_gate", self.lr_gate, LR_GATES), ("alpha_gate", self.alpha_gate, ALPHA_GATES),
                                      ("output_gate", self.output_gate, OUTPUT_GATES),
-                                     ("backend", self.backend, BACKENDS)):
+                                     ("backend", self.backend, BACKENDS),
+                                     ("memory_init", self.memory_init, MEMORY_INITS)):
             if value not in allowed:
                 raise ValueError(f"{name}: expected one of {allowed}, got {value!r}")
         if self.lr_gate == "dt" and (self.alpha_gate != "decay" or not self.memory.has_retention_gate):

@@ -55,6 +55,7 @@ class MirasHFConfig(PretrainedConfig):
     n_heads: int = _DEFAULTS.n_heads
     mixers: list[str] | None = None
     memory: dict[str, Any] | None = None
+    memory_init: str = _DEFAULTS.memory_init
     lr_gate: str = _DEFAULTS.lr_gate
     alpha_gate: str = _DEFAULTS.alpha_gate
     per_channel_gates: bool = _DEFAULTS.per_channel_gates

@@ -84,10 +84,12 @@ class MirasLayer(nn.Module):
             delta_out = h * d if (c.per_channel_gates and spec.bias == "huber") else h
             self.delta_proj = LowRankGate(c.dim, c.gate_rank, delta_out, _inverse_softplus(1.0))
         # Learnable initial memory state per head, broadcast over the batch by the op (Section 1).
+        shapes = spec.weight_shapes(d, d)
         init = []
-        for shape in spec.weight_shapes(d, d):
+        for i, shape in enumerate(shapes):
             w = torch.zeros(h, *shape)
-            if spec.memory == "mlp":
+            zero_last = c.memory_init == "zero_last" and i == len(shapes) - 1
+            if spec.memory == "mlp" and not zero_last:
                 nn.init.normal_(w, std=shape[-1] ** -0.5)
             init.append(nn.Parameter(w))
         self.initial_state = nn.ParameterList(init)
