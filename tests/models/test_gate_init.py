@@ -11,6 +11,7 @@ import math
 import pytest
 import torch
 
+from miras_ext import reference
 from miras_ext.models import PRESETS, MirasForCausalLM, preset
 from miras_ext.models.miras_layer import MirasLayer
 
@@ -147,7 +148,6 @@ def test_an_empty_residual_memory_reads_its_query():
     """With the last layer zero, x + LN(f(x)) reads x exactly (LN(0) = 0) until the first write."""
     torch.manual_seed(0)
     layer = miras_layers(MirasForCausalLM(preset("yaad")))[0]
-    from miras_ext import reference
     q = torch.nn.functional.normalize(torch.randn(1, 5, 2, 32), dim=-1)
     lr = torch.zeros(1, 5, 2, 32)
     alpha, delta = torch.ones(1, 5, 2, 32), torch.ones(1, 5, 2)
@@ -156,7 +156,7 @@ def test_an_empty_residual_memory_reads_its_query():
     assert ((o - q).norm() / q.norm()).item() < 1e-6
 
 
-def test_hugging_face_paths_keep_the_initial_state(tmp_path):
+def test_hugging_face_paths_keep_the_initial_state():
     pytest.importorskip("transformers")
     from transformers import AutoModelForCausalLM
 
