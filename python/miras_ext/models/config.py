@@ -39,9 +39,9 @@ class MirasConfig:
     alpha_gate:        "sigmoid" (bias +4, alpha ~ 0.98), "fixed" (RetNet gamma_h = 1 - 2^(-5 - h), a buffer)
                        or "decay" (exp(-exp(A_log) * dt), Mamba2 / Gated DeltaNet). Unused for retention "none".
     memory_init:       the MLP memory's learnable initial state: "normal" (every layer N(0, 1/fan_in)) or
-                       "zero_last" (the last layer's tensor zero, for Memora uniform rows: LN(f(x)) = 0
-                       and the residual memory reads x until its first write, empty as a matrix memory
-                       starts; docs/models.md, "What isolates the failure"). Matrix and vector memory
+                       "zero_last" (the last layer's tensor zero: the memory reads nothing stored until its
+                       first write, x for the residual memory since LN(0) = 0, 0 for a plain MLP, as a matrix
+                       memory starts; docs/models.md, "What isolates the failure"). Matrix and vector memory
                        always start at zero.
     per_channel_gates: lr, alpha, momentum per channel [B, T, H, Dv] (Eq. 3.4) instead of per head.
     gate_rank:         rank r of the gate projections x -> R^r -> R^{H (Dv)}.
