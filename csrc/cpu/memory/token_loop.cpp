@@ -40,15 +40,19 @@ Link<T> make_link(const MemoryParams& p, int64_t fan_in) {
   return lk;
 }
 
-// |z|^q and d|z|^q / dz / q = |z|^{q-2} z; Q4 (q = 4, Moneta's) by multiplication, which vectorises.
-template <bool Q4, typename T>
+// |z|^q and d|z|^q / dz / q = |z|^{q-2} z. QN is q when it is 3 or 4 (Moneta's), computed by
+// multiplication, which vectorises; 0 means any other order, through std::pow, a library call per element
+// (Moneta's spec at q = 3.5 ran 10x slower than at 3 or 4, fwd and fwd+bwd, one thread, T = 256).
+template <int QN, typename T>
 inline T pow_q(const Link<T>& lk, T z) {
-  if constexpr (Q4) return (z * z) * (z * z);
+  if constexpr (QN == 4) return (z * z) * (z * z);
+  if constexpr (QN == 3) return std::abs(z) * (z * z);
   return std::pow(std::abs(z), lk.q);
 }
-template <bool Q4, typename T>
+template <int QN, typename T>
 inline T pow_q1(const Link<T>& lk, T z) {
-  if constexpr (Q4) return z * z * z;
+  if constexpr (QN == 4) return z * z * z;
+  if constexpr (QN == 3) return std::abs(z) * z;
   return std::copysign(std::pow(std::abs(z), lk.q - T(1)), z);
 }
 
@@ -145,7 +149,7 @@ inline void update_row(const Dims& D, const Token<T>& k, const T* ea, int64_t o,
 
 // sum_i phi(z)_i h_i for one row; phi(z) goes to w for the elementwise links. l_q returns the raw read
 // sum z h and adds sum |z|^q to `norm` (the normaliser is applied once the whole tensor is known).
-template <typename T, Retention R, bool Q4>
+template <typename T, Retention R, int QN>
 inline T read_row(const Link<T>& lk, const T* z, const T* h, T* w, int64_t in, T& norm) {
   T acc = 0;
   if constexpr (R == Retention::Kl) {  // c softmax(z) (Eq. 3.6)
@@ -176,7 +180,7 @@ inline T read_row(const Link<T>& lk, const T* z, const T* h, T* w, int64_t in, T
     T nrm = 0;
 #pragma omp simd reduction(+ : nrm, acc)
     for (int64_t i = 0; i < in; ++i) {
-      nrm += pow_q<Q4>(lk, z[i]);
+      nrm += pow_q<QN>(lk, z[i]);
       acc += z[i] * h[i];
     }
     norm += nrm;
@@ -213,7 +217,7 @@ constexpr bool stores_w() {
 // One token: the state from zp/sp into z/s (the same buffers in the plain forward) and the reads into u [out]:
 // W_t h_t, or for l_q the raw reads Z_t h_t, its normaliser N_t = sum |Z_t|^q + floor returned (0 for the other
 // links). Elementwise links write W_t into w ([out, in] when w_rows, else a row scratch).
-template <typename T, Retention R, bool Mom, bool Q4>
+template <typename T, Retention R, bool Mom, int QN>
 T step(const Dims& D, const Link<T>& lk, const Token<T>& k, const T* zp, T* z, const T* sp, T* s, T* w,
        bool w_rows, T* ea, T* u) {
   if (D.side == 1) {
@@ -223,7 +227,7 @@ T step(const Dims& D, const Link<T>& lk, const Token<T>& k, const T* zp, T* z, c
   for (int64_t o = 0; o < D.out; ++o) {
     const int64_t off = o * D.in;
     update_row<T, Mom>(D, k, ea, o, zp + off, z + off, Mom ? sp + off : nullptr, Mom ? s + off : nullptr);
-    u[o] = read_row<T, R, Q4>(lk, z + off, k.h, w_rows ? w + off : w, D.in, norm);
+    u[o] = read_row<T, R, QN>(lk, z + off, k.h, w_rows ? w + off : w, D.in, norm);
   }
   return R == Retention::Lq ? norm + lk.floor : T(0);
 }
@@ -267,7 +271,7 @@ T* workspace(size_t count) {
   return reinterpret_cast<T*>(buf.data());
 }
 
-template <typename T, Retention R, bool Mom, bool Q4>
+template <typename T, Retention R, bool Mom, int QN>
 void forward_pairs(const Link<T>& lk, Prepared& P, LoopForward& f) {
   const Dims& D = P.D;
   const int64_t G = P.d.size(0), W = D.out * D.in;
@@ -282,7 +286,7 @@ void forward_pairs(const Link<T>& lk, Prepared& P, LoopForward& f) {
     T* u = mptr<T>(f.u, g, D.n * D.out);
     for (int64_t t = 0; t < D.n; ++t) {
       T* ut = u + t * D.out;
-      const T norm = step<T, R, Mom, Q4>(D, lk, token(D, d, a, h, e, al, m, t), z, z, s, s, wrow, false, ea, ut);
+      const T norm = step<T, R, Mom, QN>(D, lk, token(D, d, a, h, e, al, m, t), z, z, s, s, wrow, false, ea, ut);
       if constexpr (R == Retention::Lq) {  // W_t = Z_t / N_t^g (Eq. 3.5)
         const T r = lq_scale(norm, lk.q).s;
         for (int64_t o = 0; o < D.out; ++o) ut[o] *= r;
@@ -291,21 +295,24 @@ void forward_pairs(const Link<T>& lk, Prepared& P, LoopForward& f) {
   }
 }
 
-// Calls f(R, Mom, Q4) with the spec's link, algorithm and (l_q) whether q = 4, as compile-time constants.
+// Calls f(R, Mom, QN) with the spec's link, algorithm and (l_q) the order's fast path (pow_q), as
+// compile-time constants.
 template <typename F>
 void dispatch(const MemoryParams& p, F&& f) {
-  auto with = [&](auto r, auto q4) {
+  using Lq = std::integral_constant<Retention, Retention::Lq>;
+  auto with = [&](auto r, auto qn) {
     if (p.momentum()) {
-      f(r, std::true_type{}, q4);
+      f(r, std::true_type{}, qn);
     } else {
-      f(r, std::false_type{}, q4);
+      f(r, std::false_type{}, qn);
     }
   };
-  auto plain = [&](auto r) { with(r, std::false_type{}); };
+  auto plain = [&](auto r) { with(r, std::integral_constant<int, 0>{}); };
   switch (p.retention) {
     case Retention::Lq:
-      if (p.norm_order == 4.0) return with(std::integral_constant<Retention, Retention::Lq>{}, std::true_type{});
-      return plain(std::integral_constant<Retention, Retention::Lq>{});
+      if (p.norm_order == 4.0) return with(Lq{}, std::integral_constant<int, 4>{});
+      if (p.norm_order == 3.0) return with(Lq{}, std::integral_constant<int, 3>{});
+      return plain(Lq{});
     case Retention::Kl:
       return plain(std::integral_constant<Retention, Retention::Kl>{});
     case Retention::ElasticNet:
@@ -319,7 +326,7 @@ void dispatch(const MemoryParams& p, F&& f) {
 }
 
 // The reverse walk (Eq. 9.6) for one pair. X = dL/dZ_t, Y = dL/dS_t from later tokens, both [out, in].
-template <typename T, Retention R, bool Mom, bool Q4>
+template <typename T, Retention R, bool Mom, int QN>
 void backward_pair(const Link<T>& lk, const Dims& D, const Token<T>* toks, const T* Zs, const T* Ss, const T* Ws,
                    const T* U, const T* Nq, const T* du, T* X, T* Y, T* dh, T* dd, T* da, T* de, T* dal, T* dm,
                    T* vd, T* vrow, T* ea) {
@@ -361,7 +368,7 @@ void backward_pair(const Link<T>& lk, const Dims& D, const Token<T>* toks, const
       T* yr = Mom ? Y + off : nullptr;
       // dL/dZ_t[o, i] from the read at t (Eq. 9.3), and W_t[o, i] (for dh = W_t^T du).
       auto direct = [&](int64_t i) -> T {
-        if constexpr (R == Retention::Lq) return rdu * k.h[i] + ct * pow_q1<Q4>(lk, zr[i]);
+        if constexpr (R == Retention::Lq) return rdu * k.h[i] + ct * pow_q1<QN>(lk, zr[i]);
         if constexpr (R == Retention::Kl) return wr[i] * duo * (k.h[i] - sh);
         if constexpr (R == Retention::ElasticNet) return wr[i] != T(0) ? duo * k.h[i] : T(0);
         if constexpr (R == Retention::Sigmoid) return duo * k.h[i] * wr[i] * (T(1) - wr[i]);
@@ -423,7 +430,7 @@ void backward_pair(const Link<T>& lk, const Dims& D, const Token<T>* toks, const
   }
 }
 
-template <typename T, Retention R, bool Mom, bool Q4>
+template <typename T, Retention R, bool Mom, int QN>
 void backward_pairs(const Link<T>& lk, Prepared& P, const at::Tensor& du, const at::Tensor& gz,
                     const at::Tensor& gs, LoopGrads& out) {
   const Dims& D = P.D;
@@ -453,14 +460,14 @@ void backward_pairs(const Link<T>& lk, Prepared& P, const at::Tensor& du, const 
       T* s_next = Mom ? Ss + (t + 1) * W : nullptr;
       // U keeps the reads (l_q: before the normaliser).
       T* w = stores_w<R>() ? Ws + t * W : nullptr;
-      Nq[t] = step<T, R, Mom, Q4>(D, lk, toks[t], Zs + t * W, Zs + (t + 1) * W, s_prev, s_next, w, stores_w<R>(),
+      Nq[t] = step<T, R, Mom, QN>(D, lk, toks[t], Zs + t * W, Zs + (t + 1) * W, s_prev, s_next, w, stores_w<R>(),
                                   ea, U + t * D.out);
     }
     T* X = mptr<T>(out.z0, g, W);
     T* Y = Mom ? mptr<T>(out.s0, g, W) : nullptr;
     if (gz.defined()) std::memcpy(X, ptr<T>(gz, g, W), sizeof(T) * W);
     if (Mom && gs.defined()) std::memcpy(Y, ptr<T>(gs, g, W), sizeof(T) * W);
-    backward_pair<T, R, Mom, Q4>(lk, D, toks.data(), Zs, Ss, Ws, U, Nq, ptr<T>(du, g, n * D.out), X, Y,
+    backward_pair<T, R, Mom, QN>(lk, D, toks.data(), Zs, Ss, Ws, U, Nq, ptr<T>(du, g, n * D.out), X, Y,
                                  mptr<T>(out.h, g, n * D.in), mptr<T>(out.d, g, n * D.out),
                                  mptr<T>(out.a, g, n * D.in), mptr<T>(out.e, g, n * D.Dg),
                                  mptr<T>(out.alpha, g, n * D.Dg), Mom ? mptr<T>(out.m, g, n * D.Dg) : nullptr, vd,
@@ -478,8 +485,8 @@ LoopForward token_loop_forward(const MemoryParams& p, const LoopInputs& in) {
   if (p.momentum()) f.s = P.s0.clone();
   AT_DISPATCH_FLOATING_TYPES(P.d.scalar_type(), "miras_ext::memory token loop", [&] {
     const Link<scalar_t> lk = make_link<scalar_t>(p, P.D.in);
-    dispatch(p, [&](auto r, auto mom, auto q4) {
-      forward_pairs<scalar_t, decltype(r)::value, decltype(mom)::value, decltype(q4)::value>(lk, P, f);
+    dispatch(p, [&](auto r, auto mom, auto qn) {
+      forward_pairs<scalar_t, decltype(r)::value, decltype(mom)::value, decltype(qn)::value>(lk, P, f);
     });
   });
   return f;
@@ -504,8 +511,8 @@ LoopGrads token_loop_backward(const MemoryParams& p, const LoopInputs& in, const
   const at::Tensor gsc = gs.defined() ? gs.contiguous() : gs;
   AT_DISPATCH_FLOATING_TYPES(P.d.scalar_type(), "miras_ext::memory token loop backward", [&] {
     const Link<scalar_t> lk = make_link<scalar_t>(p, P.D.in);
-    dispatch(p, [&](auto r, auto mom, auto q4) {
-      backward_pairs<scalar_t, decltype(r)::value, decltype(mom)::value, decltype(q4)::value>(lk, P, duc, gzc,
+    dispatch(p, [&](auto r, auto mom, auto qn) {
+      backward_pairs<scalar_t, decltype(r)::value, decltype(mom)::value, decltype(qn)::value>(lk, P, duc, gzc,
                                                                                               gsc, out);
     });
   });
