@@ -126,7 +126,7 @@ def test_hugging_face_paths_build_the_documented_gates(tmp_path):
 
 # The documented initial memory state (docs/models.md, "What every preset starts with"): the presets whose
 # MLP memory starts empty, its last layer zero; every other MLP layer N(0, 1/fan_in); matrices zero.
-ZERO_LAST = {"yaad", "yaad-h", "titans"}
+ZERO_LAST = {"moneta", "moneta-h", "yaad", "yaad-h", "titans"}
 
 
 @pytest.mark.parametrize("name", PRESETS)
