@@ -4,15 +4,17 @@ MQAR far above chance in a short run. A suite whose models all recall nothing mu
 from miras_ext.cli import main
 from miras_ext.cli.trainer import read_metrics
 
-# ./scripts/train's recipe at a quarter of its steps (36 s here): 1200 steps reach 97.4% (docs/results.md), 300
-# steps 25.9% (seed 0, one thread; chance 1/16 = 6.2%). The bar, 15%, is well above chance and below 25.9%.
+# ./scripts/train's recipe at 500 of its 1200 steps: 96.5% (65.7% at step 300, 92.9% at 400; seed 0, one thread,
+# 102 s beside two other jobs, 2026-12-07); 1200 steps reach 100% (docs/results.md). A model that stores no pair
+# scores about 1 / 4 by guessing among the context's values (a 300-step run: 27.9%), so the bar, 60%, needs recall.
 RECIPE = ["--preset", "moneta-matrix", "--task", "mqar", "--seq-len", "64", "--pairs", "4", "--mqar-vocab", "16",
           "--batch-size", "32", "--lr", "3e-3", "--threads", "1", "--eval-every", "0", "--no-plot", "--quiet"]
 
 
 def test_moneta_matrix_recalls_mqar(tmp_path):
-    assert main(["train", *RECIPE, "--steps", "300", "--out", str(tmp_path)]) == 0
+    assert main(["train", *RECIPE, "--steps", "500", "--out", str(tmp_path)]) == 0
     evals = [r for r in read_metrics(tmp_path / "metrics.jsonl") if "eval/accuracy" in r]
     before, after = evals[0]["eval/accuracy"], evals[-1]["eval/accuracy"]
     assert before < 0.15, f"recall before training {before:.1%}: the task leaks its answers"
-    assert after > 0.15, f"recall after 300 steps {after:.1%}: the model does not learn (chance 6.2%)"
+    assert after > 0.6, (f"recall after 500 steps {after:.1%}: the model does not learn to recall (chance 6.2%, "
+                         "about 25% guessing among the context's values)")

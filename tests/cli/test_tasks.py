@@ -1,8 +1,11 @@
 """Task generators: shapes, label masks, determinism, argument errors."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
+from miras_ext.cli.evaluation import evaluate
 from miras_ext.tasks import BOS, IGNORE, MQAR, PAD, SNIAH, TextLM, answer_accuracy
 
 
@@ -15,8 +18,8 @@ def test_mqar_shapes_and_labels():
         assert len(ctx) == 4 and all(k < 16 for k in ctx) and all(128 <= v < 144 for v in ctx.values())
         answers = [t for t, lab in enumerate(row_lab) if lab != IGNORE]
         assert len(answers) == 4 and min(answers) >= 8
-        for t in answers:  # the label is the value of the key just before it, and it is the input token
-            assert row_lab[t] == row_ids[t] == ctx[row_ids[t - 1]]
+        for t in answers:  # the label is the value of the key just before it; the input there is filler
+            assert row_lab[t] == ctx[row_ids[t - 1]] and row_ids[t] == PAD
         queried = [row_ids[t - 1] for t in answers]
         assert sorted(queried) == sorted(ctx)
         rest = set(range(8, 24)) - set(answers) - {t - 1 for t in answers}
@@ -81,3 +84,35 @@ def test_answer_accuracy():
     logits[0, 0, 5] = 1  # position 0 predicts labels[1] = 5: right
     logits[0, 2, 3] = 1  # position 2 predicts labels[3] = 7: wrong
     assert answer_accuracy(logits, labels) == (1, 2, 0, 1)
+
+
+class _MQAROracle(torch.nn.Module):
+    """Answers each MQAR query from its inputs alone, by recall (the value stored with the key) or by
+    elimination (the first context value that no input after the context has repeated: what a model that
+    counts values but stores no pairs can do)."""
+
+    def __init__(self, pairs, recall):
+        super().__init__()
+        self.pairs, self.recall = pairs, recall
+
+    def forward(self, ids, labels=None):
+        b, t = ids.shape
+        logits = torch.zeros(b, t, 258)
+        for r in range(b):
+            keys, values = ids[r, 0:2 * self.pairs:2].tolist(), ids[r, 1:2 * self.pairs:2].tolist()
+            left = list(values)
+            for p in range(2 * self.pairs, t):
+                if int(ids[r, p]) in left:
+                    left.remove(int(ids[r, p]))
+                if p + 1 < t and labels[r, p + 1] != IGNORE:
+                    logits[r, p, values[keys.index(int(ids[r, p]))] if self.recall else left[0]] = 1
+        return SimpleNamespace(logits=logits, loss=torch.tensor(0.0))
+
+
+@pytest.mark.parametrize("recall", [True, False])
+def test_mqar_needs_recall(recall):
+    """Only recall solves MQAR: the answers are never inputs, so elimination scores what guessing among the
+    context values does (about 1 / pairs; values may repeat), not the 56% it scores when they are shown."""
+    task = MQAR(pairs=4, seq_len=64, n_keys=16, n_values=16)
+    acc = evaluate(_MQAROracle(4, recall), task, batches=4, batch_size=64, device="cpu")["accuracy"]
+    assert acc == 1.0 if recall else 0.2 < acc < 0.35

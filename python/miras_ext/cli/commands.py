@@ -114,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a model on a task (default: tiny Moneta on MQAR)",
                        description="Train a model. With no arguments: a tiny Moneta on a matrix memory on MQAR (4 "
                        "key-value pairs, 32 tokens, 16 symbols) for 150 steps, about 10 s on a CPU: a smoke run, which "
-                       "stays near chance (6.3%%); ./scripts/train is the recipe that recalls (97%%, docs/results.md). "
+                       "stays near chance (6.3%%); ./scripts/train is the recipe that recalls (100%%, docs/results.md). "
                        "Prints the recall accuracy before and after and the chance level. Writes "
                        "OUT/checkpoint/ (model.safetensors, config.json, trainer.pt, manifest.json), OUT/metrics.jsonl and "
                        "OUT/loss.png. Under torchrun the same command trains with DistributedDataParallel.")

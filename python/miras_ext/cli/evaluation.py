@@ -45,6 +45,6 @@ def evaluate(model: nn.Module, task: Task, batches: int, batch_size: int, device
 
 
 def chance(task: Task) -> str:
-    if isinstance(task, MQAR):
-        return f"chance {1 / task.n_values:.1%}"
+    if isinstance(task, MQAR):  # a model that stores no pair can still pick one of the context's values
+        return f"chance {1 / task.n_values:.1%}; about {1 / task.pairs:.0%} guessing among the context's values"
     return ""
