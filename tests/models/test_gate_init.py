@@ -83,6 +83,15 @@ def test_fresh_model_gates_are_the_documented_ones(name, size):
         check_layer(layer, documented(name, size, config.n_heads), f"{name} {size} layer {i}")
 
 
+def test_delta_init_is_the_threshold_at_init():
+    config = preset("yaad", delta_init=4.0)
+    want = documented("yaad", "tiny", config.n_heads) | {"delta": 4.0}
+    for i, layer in enumerate(miras_layers(MirasForCausalLM(config))):
+        check_layer(layer, want, f"yaad delta_init=4 layer {i}")
+    with pytest.raises(ValueError, match="delta_init: expected a finite number > 0"):
+        preset("yaad", delta_init=0.0)
+
+
 @pytest.mark.parametrize("name", ["moneta", "yaad", "memora", "moneta-matrix", "gated-deltanet", "titans", "retnet", "mamba2"])
 def test_gates_on_real_inputs_stay_near_their_start(name):
     """The low-rank projections add little to the biases at init (weights N(0, 0.02)): on embedded random
@@ -147,11 +156,11 @@ def test_fresh_model_initial_state_is_the_documented_one(name):
 def test_an_empty_residual_memory_reads_its_query():
     """With the last layer zero, x + LN(f(x)) reads x exactly (LN(0) = 0) until the first write."""
     torch.manual_seed(0)
-    layer = miras_layers(MirasForCausalLM(preset("yaad")))[0]
+    layer = miras_layers(MirasForCausalLM(preset("moneta")))[0]
     q = torch.nn.functional.normalize(torch.randn(1, 5, 2, 32), dim=-1)
     lr = torch.zeros(1, 5, 2, 32)
-    alpha, delta = torch.ones(1, 5, 2, 32), torch.ones(1, 5, 2)
-    o, _ = reference.chunked(q, q, torch.randn(1, 5, 2, 32), layer.spec, lr, alpha, None, delta,
+    alpha = torch.ones(1, 5, 2, 32)
+    o, _ = reference.chunked(q, q, torch.randn(1, 5, 2, 32), layer.spec, lr, alpha, None, None,
                              initial_state=tuple(layer.initial_state), chunk_size=1)
     assert ((o - q).norm() / q.norm()).item() < 1e-6
 

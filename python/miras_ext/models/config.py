@@ -41,11 +41,12 @@ class MirasConfig:
     memory_init:       the MLP memory's learnable initial state: "normal" (every layer N(0, 1/fan_in)) or
                        "zero_last" (the last layer's tensor zero: the memory reads nothing stored until its
                        first write, x for the residual memory since LN(0) = 0, 0 for a plain MLP, as a matrix
-                       memory starts; docs/models.md, "What isolates the failure"). Matrix and vector memory
+                       memory starts; docs/models.md, "The Miras presets on MQAR"). Matrix and vector memory
                        always start at zero.
     per_channel_gates: lr, alpha, momentum per channel [B, T, H, Dv] (Eq. 3.4) instead of per head.
     gate_rank:         rank r of the gate projections x -> R^r -> R^{H (Dv)}.
     lr_max:            eta_max of the sigmoid learning rate.
+    delta_init:        the Huber threshold delta = softplus(.) at init (bias "yaad", "huber", "huber_norm").
     conv_size:         kernel of the causal depthwise convolutions after q, k, v (SiLU after).
     chunk_size:        tokens per chunk of the memory op (Eq. 5.6); 1 is the exact recurrence.
     output_gate:       o = RMSNorm_head(o) * silu(W_g x) ("silu") or * sigmoid(W_g x).
@@ -70,6 +71,7 @@ class MirasConfig:
     per_channel_gates: bool = True
     gate_rank: int = 32
     lr_max: float = 0.1
+    delta_init: float = 1.0
     conv_size: int = 4
     chunk_size: int = 64
     output_gate: str = "silu"
@@ -86,7 +88,7 @@ class MirasConfig:
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "gate_rank", "conv_size", "chunk_size",
                      "max_seq_len"):
             _positive_int(name, getattr(self, name))
-        for name in ("lr_max", "norm_eps", "rope_theta", "initializer_range"):
+        for name in ("lr_max", "delta_init", "norm_eps", "rope_theta", "initializer_range"):
             _positive_float(name, getattr(self, name))
         if self.dim % self.n_heads:
             raise ValueError(f"n_heads: dim={self.dim} is not divisible by n_heads={self.n_heads}")

@@ -61,6 +61,7 @@ class MirasHFConfig(PretrainedConfig):
     per_channel_gates: bool = _DEFAULTS.per_channel_gates
     gate_rank: int = _DEFAULTS.gate_rank
     lr_max: float | int = _DEFAULTS.lr_max
+    delta_init: float | int = _DEFAULTS.delta_init
     conv_size: int = _DEFAULTS.conv_size
     chunk_size: int = _DEFAULTS.chunk_size
     output_gate: str = _DEFAULTS.output_gate

@@ -82,7 +82,7 @@ class MirasLayer(nn.Module):
         self.delta_proj = None
         if spec.uses_threshold:
             delta_out = h * d if (c.per_channel_gates and spec.bias == "huber") else h
-            self.delta_proj = LowRankGate(c.dim, c.gate_rank, delta_out, _inverse_softplus(1.0))
+            self.delta_proj = LowRankGate(c.dim, c.gate_rank, delta_out, _inverse_softplus(c.delta_init))
         # Learnable initial memory state per head, broadcast over the batch by the op (Section 1).
         shapes = spec.weight_shapes(d, d)
         init = []
