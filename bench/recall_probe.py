@@ -1,5 +1,5 @@
 """The memory's own recall, before any outer training: which inner step eta lets each preset's op store
-associations (docs/models.md, "Choosing the Miras presets' chunk and step").
+associations (docs/models.md, "The memories' own recall at init").
 
 Per preset spec (spec_presets.py: MONETA, YAAD, MEMORA, TITANS, GATED_DELTA), one head of D = 32 (expansion 4
 for the MLP memories, initial weights N(0, 1/fan_in) as the models start), N random pairs (l2-normalised k,
