@@ -64,6 +64,8 @@ def test_generate_and_eval_from_checkpoint(tmp_path, capsys):
     (["eval", "/no/such/run"], "does not exist"),
     (["generate", "/no/such/run"], "does not exist"),
     (["compare", "--task", "mqar", "--lengths", "8", "--pairs", "4"], "seq_len"),
+    (["compare", "--params", "0"], "params: expected a positive"),
+    (["compare", "--params", "100000", "--no-match-params"], "params: --params N"),
 ])
 def test_bad_arguments(argv, words, tmp_path, capsys):
     assert main([*argv, "--out", str(tmp_path)] if argv[0] in ("train", "compare") else argv) == 2
@@ -96,3 +98,14 @@ def test_divergence_is_one_line_and_compare_goes_on(tmp_path, capsys):
     rows = json.loads((tmp_path / "c" / "compare.json").read_text())["rows"]
     assert [("diverged" in r) for r in rows].count(True) >= 1
     assert "diverged" in capsys.readouterr().out
+
+
+def test_compare_matches_the_given_parameter_count(tmp_path):
+    """--params N matches every preset to N, not to the largest of this invocation's presets (the tiny
+    presets count 83K-147K): the SwiGLU width moves in steps of 8 units, 3 x dim x layers x 8 = 3072
+    parameters at the tiny size, so each count is within half a step of N."""
+    args = [a for a in FAST if a not in ("--preset", "yaad")]
+    assert main(["compare", "--presets", "transformer", "gated-deltanet", *args, "--steps", "1", "--eval-every", "0",
+                 "--params", "200000", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "compare.json").read_text())["rows"]
+    assert len(rows) == 2 and all(abs(r["parameters"] - 200000) <= 1536 for r in rows), rows

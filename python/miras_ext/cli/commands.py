@@ -154,6 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--lengths", nargs="+", type=int, help="training/eval lengths (default: --seq-len)")
     c.add_argument("--pairs-grid", nargs="+", type=int, help="mqar: numbers of pairs (default: --pairs)")
     c.add_argument("--no-match-params", action="store_true", help="keep each preset's own parameter count")
+    c.add_argument("--params", type=int, metavar="N", help="match every preset to about N parameters instead of "
+                   "the largest preset's count (so a comparison split over processes stays matched)")
 
     h = sub.add_parser("lm-eval", help="run lm-eval-harness tasks on a text checkpoint (the lm-eval extra)",
                        description="Evaluate a text checkpoint with lm-eval-harness through the Hugging Face "

@@ -23,7 +23,14 @@ def run_compare(ns) -> int:
     for L, P in cells:
         make_task(train_args_from(ns, ns.presets[0], str(out), seq_len=L, **({"pairs": P} if P else {})))
     target = None
-    if not ns.no_match_params:
+    if ns.params is not None:
+        if ns.no_match_params:
+            raise UsageError("params: --params N matches every preset to N parameters; it cannot go with "
+                             "--no-match-params")
+        if ns.params <= 0:
+            raise UsageError(f"params: expected a positive parameter count, got {ns.params}")
+        target = ns.params
+    elif not ns.no_match_params:
         probe = train_args_from(ns, ns.presets[0], str(out), seq_len=max(lengths))
         vocab = make_task(probe).vocab_size
         target = max(count(make_config(train_args_from(ns, p, str(out), seq_len=max(lengths)), vocab))
