@@ -17,10 +17,11 @@ namespace miras {
 namespace {
 
 // Every field of MemorySpec, in declaration order (the order encode() writes them).
-constexpr std::array<std::string_view, 18> kFields{
+constexpr std::array<std::string_view, 19> kFields{
     "memory",     "layers",        "expansion", "activation",       "residual_norm", "ln_eps",
     "bias",       "p",             "eps",       "retention",        "norm_order",    "norm_floor",
-    "simplex_scale", "shrinkage",  "grad_at_retained", "algorithm", "lag_token",     "minibatch"};
+    "norm_mean",  "simplex_scale", "shrinkage", "grad_at_retained", "algorithm",     "lag_token",
+    "minibatch"};
 
 template <typename E, size_t K>
 E choice(std::string_view field, std::string_view value, const std::array<std::pair<std::string_view, E>, K>& names) {
@@ -101,6 +102,8 @@ void set_field(MemoryParams& mp, std::string_view field, std::string_view value,
     mp.norm_order = number(field, value);
     TORCH_CHECK_VALUE(mp.norm_order >= 1.0 && std::isfinite(mp.norm_order),
                       "spec: norm_order: the l_q retention needs a finite q >= 1, got ", mp.norm_order);
+  } else if (field == "norm_mean") {
+    mp.norm_mean = flag(field, value);
   } else if (field == "simplex_scale") {
     mp.simplex_scale = number(field, value);
     TORCH_CHECK_VALUE(mp.simplex_scale == -1.0 || (mp.simplex_scale > 0 && std::isfinite(mp.simplex_scale)),

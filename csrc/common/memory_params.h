@@ -23,6 +23,7 @@ struct MemoryParams {
   Retention retention = Retention::L2;
   double norm_order = 4.0;
   double norm_floor = 1e-12;  // added to sum |A|^q in the l_q normaliser (Eq. 3.5)
+  bool norm_mean = false;     // that normaliser averages |A|^q over the tensor instead of summing
   double simplex_scale = -1.0;  // < 0: sqrt(fan_in) per weight tensor (docs/math.md Eq. 3.6)
   double shrinkage = 1e-3;
   bool grad_at_retained = false;

@@ -25,21 +25,28 @@ MIRAS_HD A simplex_scale(double spec_scale, int64_t fan_in) {
   return spec_scale > 0 ? A(spec_scale) : sqrt(A(fan_in));
 }
 
-// l_q (Eq. 3.5): W = s Z with s = N^-gamma, N = sum |Z|^q + norm_floor over the tensor, gamma = (q - 2) / q.
-// Its vector-Jacobian product (Eq. 9.3) is s G - coef <G, Z> |Z|^(q-2) Z with coef = gamma q N^(-gamma-1).
+// l_q (Eq. 3.5): W = s Z with s = N^-gamma, gamma = (q - 2) / q and N = w sum |Z|^q + norm_floor over the
+// tensor, where w = 1 (the paper's norm) or, with norm_mean, 1 / entries (the average: the bound on W then does
+// not shrink as the tensor grows; docs/math.md Section 8, point 16). Its vector-Jacobian product (Eq. 9.3) is
+// s G - coef <G, Z> |Z|^(q-2) Z with coef = gamma q w N^(-gamma-1).
 template <typename A>
 MIRAS_HD A lq_gamma(A q) {
   return (q - A(2)) / q;
 }
 template <typename A>
+MIRAS_HD A lq_weight(bool norm_mean, int64_t entries) {
+  return norm_mean ? A(1) / A(entries) : A(1);
+}
+template <typename A>
 struct LqScale {
   A s, coef;
 };
+// From sum = sum |Z|^q, weight = lq_weight(..), floor = norm_floor.
 template <typename A>
-MIRAS_HD LqScale<A> lq_scale(A norm, A q) {
+MIRAS_HD LqScale<A> lq_scale(A sum, A weight, A floor, A q) {
   using std::pow;
-  const A gamma = lq_gamma(q), s = pow(norm, -gamma);
-  return {s, gamma * q * s / norm};
+  const A norm = weight * sum + floor, gamma = lq_gamma(q), s = pow(norm, -gamma);
+  return {s, gamma * q * weight * s / norm};
 }
 
 // Elastic net (Eq. 3.7): the soft threshold sign(z) max(|z| - shrinkage, 0); its derivative is 1 exactly

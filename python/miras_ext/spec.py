@@ -47,6 +47,8 @@ class MemorySpec:
     norm_order:        q of the l_q retention (Eq. 3.5).
     norm_floor:        added to sum |A|^q in the l_q normaliser (Eq. 3.5): it bounds ||W|| when the
                        accumulator A is small (docs/math.md Section 8, point 15).
+    norm_mean:         average |A|^q over the tensor's entries in that normaliser instead of summing, so the
+                       bound on W does not shrink as the tensor grows (Eq. 3.5; Section 8, point 16).
     simplex_scale:     c of the KL retention (Eq. 3.6); None means sqrt(fan_in) per weight tensor.
     shrinkage:         soft-threshold gamma of the elastic-net retention (Eq. 3.7).
     grad_at_retained:  take the gradient at alpha_t * W_{t-1} (Gated DeltaNet) instead of W_{t-1} (Eq. 3.2).
@@ -70,6 +72,7 @@ class MemorySpec:
     retention: str = "l2"
     norm_order: float = 4.0
     norm_floor: float = 1e-12
+    norm_mean: bool = False
     simplex_scale: float | None = None
     shrinkage: float = 1e-3
     grad_at_retained: bool = False

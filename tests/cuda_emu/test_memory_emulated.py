@@ -93,6 +93,8 @@ class Case:
                  "perch" if self.per_channel else "perhead", self.layout, f"dk{self.dk}dv{self.dv}"]
         if s.grad_at_retained:
             parts.append("gar")
+        if s.norm_mean:
+            parts.append("norm-mean")
         if s.lag_token:
             parts.append("lag")
         if s.minibatch:
@@ -194,6 +196,8 @@ EXTRA = [
          chunk=66, seed=107),
     Case(MemorySpec(memory="mlp", layers=2, expansion=4, bias="l2", retention="lq", algorithm="momentum"), dk=20,
          dv=20, layout="long", chunk=66, seed=108),
+    Case(MemorySpec(memory="mlp", layers=2, expansion=4, bias="lp", p=3.0, retention="lq", norm_floor=0.5,
+                    norm_mean=True), dk=20, dv=20, layout="long", chunk=66, per_channel=True, seed=109),
 ]
 
 # Other dtypes on rounded inputs (float32 accumulation).
@@ -343,6 +347,7 @@ def case_file(case: Case, x: dict) -> bytes:
         "retention": spec.retention,
         "norm_order": repr(float(spec.norm_order)),
         "norm_floor": repr(float(spec.norm_floor)),
+        "norm_mean": int(spec.norm_mean),
         "ln_eps": repr(float(spec.ln_eps)),
         "shrinkage": repr(float(spec.shrinkage)),
         "simplex_scale": repr(-1.0 if spec.simplex_scale is None else float(spec.simplex_scale)),

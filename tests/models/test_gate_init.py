@@ -135,7 +135,7 @@ def test_hugging_face_paths_build_the_documented_gates(tmp_path):
 
 # The documented initial memory state (docs/models.md, "What every preset starts with"): the presets whose
 # MLP memory starts empty, its last layer zero; every other MLP layer N(0, 1/fan_in); matrices zero.
-ZERO_LAST = {"moneta", "moneta-h", "yaad", "yaad-h", "titans"}
+ZERO_LAST = {"moneta", "moneta-h", "yaad", "yaad-h", "memora", "memora-h", "titans"}
 
 
 @pytest.mark.parametrize("name", PRESETS)
@@ -153,10 +153,12 @@ def test_fresh_model_initial_state_is_the_documented_one(name):
                 assert 0.9 < std < 1.1, f"{where}: std * sqrt(fan_in) = {std:.3f}, expected 1"
 
 
-def test_an_empty_residual_memory_reads_its_query():
-    """With the last layer zero, x + LN(f(x)) reads x exactly (LN(0) = 0) until the first write."""
+@pytest.mark.parametrize("name", ["moneta", "memora"])
+def test_an_empty_residual_memory_reads_its_query(name):
+    """With the last layer zero, x + LN(f(x)) reads x (LN(0) = 0; for Memora's KL link zero logits are
+    uniform rows, f(x) is the same in every channel and LN of a constant is 0) until the first write."""
     torch.manual_seed(0)
-    layer = miras_layers(MirasForCausalLM(preset("moneta")))[0]
+    layer = miras_layers(MirasForCausalLM(preset(name)))[0]
     q = torch.nn.functional.normalize(torch.randn(1, 5, 2, 32), dim=-1)
     lr = torch.zeros(1, 5, 2, 32)
     alpha = torch.ones(1, 5, 2, 32)

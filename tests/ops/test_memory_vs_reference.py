@@ -189,16 +189,20 @@ def test_runs_whose_retention_underflows(per_channel, retention):
 
 @pytest.mark.parametrize("spec", [
     MemorySpec(memory="mlp", bias="lp", p=3.0, retention="lq", ln_eps=1e-2, norm_floor=0.5),
+    MemorySpec(memory="mlp", bias="lp", p=3.0, retention="lq", ln_eps=1e-2, norm_floor=0.5, norm_mean=True),
+    MemorySpec(memory="matrix", bias="l2", retention="lq", norm_order=3.0, norm_floor=0.5, norm_mean=True,
+               algorithm="momentum"),
     MemorySpec(memory="mlp", bias="yaad", eps=0.1, retention="l2", ln_eps=1e-2),
     MemorySpec(memory="mlp", bias="l2", retention="kl", lag_token=True, ln_eps=3e-3),
-], ids=["moneta", "yaad", "memora"])
+], ids=["moneta", "moneta-norm-mean", "lq3-norm-mean-momentum", "yaad", "memora"])
 @pytest.mark.parametrize("chunk_size", [1, 4])
 def test_stabilising_fields(spec, chunk_size):
-    """ln_eps and norm_floor (docs/math.md Section 8, point 15) reach every path and gradient of the op, and
-    change the result (the floor is large enough here to matter: sum |A|^q is O(1) at this scale)."""
+    """ln_eps, norm_floor and norm_mean (docs/math.md Section 8, points 15-16) reach every path and gradient
+    of the op, and change the result (the floor is large enough here to matter: sum |A|^q is O(1) at this
+    scale)."""
     inp = make_inputs(spec, T=11, per_channel=True, init="random")
     got = forward_and_grads(miras_ext.memory_forward, inp, chunk_size=chunk_size)
     assert_same(got, forward_and_grads(reference.chunked, inp, chunk_size=chunk_size))
-    plain = dataclasses.replace(spec, ln_eps=1e-5, norm_floor=1e-12)
+    plain = dataclasses.replace(spec, ln_eps=1e-5, norm_floor=1e-12, norm_mean=False)
     plain_inp = make_inputs(plain, T=11, per_channel=True, init="random")
     assert rel(forward_and_grads(miras_ext.memory_forward, plain_inp, chunk_size=chunk_size)[0], got[0]) > 1e-6

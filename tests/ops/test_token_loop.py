@@ -23,6 +23,7 @@ SPECS = {
     # The orders with a multiplication fast path (pow_q: 4 above, 3) and one through std::pow.
     "lq-3": MemorySpec(memory="mlp", expansion=3, bias="l2", retention="lq", norm_order=3.0),
     "lq-2.5": MemorySpec(memory="matrix", bias="l2", retention="lq", norm_order=2.5),
+    "moneta-norm-mean": MemorySpec(memory="mlp", bias="lp", p=3.0, retention="lq", norm_floor=0.5, norm_mean=True),
     "memora": MemorySpec(memory="mlp", bias="l2", retention="kl", lag_token=True),
     "elastic-net": MemorySpec(memory="mlp", bias="l2", retention="elastic_net", shrinkage=0.05),
     "sigmoid": MemorySpec(memory="matrix", bias="huber", retention="sigmoid"),

@@ -211,6 +211,20 @@ def test_link_lq_order_two_is_identity():
     assert rel(retention.link(MemorySpec(retention="lq", norm_order=2.0), z, SHAPE), z) < 1e-15
 
 
+@pytest.mark.parametrize("q", [3.0, 4.0])
+def test_link_lq_norm_mean_is_a_scaled_sum(q):
+    """norm_mean averages |A|^q over the n entries of the tensor: N = sum / n + floor, so
+    W_mean(A; floor) = n^g W_sum(A; n floor) with g = (q - 2) / q, a constant per tensor size; the average
+    does not change when the tensor is tiled (the sum does)."""
+    z, n, g = state(4), SHAPE[0] * SHAPE[1], (q - 2) / q
+    mean = MemorySpec(retention="lq", norm_order=q, norm_floor=0.3, norm_mean=True)
+    summed = MemorySpec(retention="lq", norm_order=q, norm_floor=0.3 * n)
+    assert rel(retention.link(mean, z, SHAPE), n ** g * retention.link(summed, z, SHAPE)) < 1e-14
+    tiled = z.repeat(1, 1, 2, 1)
+    w = retention.link(mean, tiled, (2 * SHAPE[0], SHAPE[1]))
+    assert rel(w, retention.link(mean, z, SHAPE).repeat(1, 1, 2, 1)) < 1e-14
+
+
 @pytest.mark.parametrize("q", [1.5, 3.0, 4.0])
 def test_link_lq_normalises_each_head(q):
     """W = A / ||A||_q^(q-2) with the norm over one head's weight tensor: W(cA) = c^(3-q) W(A) for that head

@@ -101,6 +101,8 @@ def test_momentum_gate_gradient_at_zero():
 GRADCHECK_SPECS = [
     pytest.param(MemorySpec(memory="mlp", expansion=1, bias="lp", p=3.0, retention="lq", norm_order=4.0), {},
                  id="moneta"),
+    pytest.param(MemorySpec(memory="mlp", expansion=1, bias="lp", p=3.0, retention="lq", norm_floor=0.5,
+                            norm_mean=True), {}, id="moneta-norm-mean"),
     pytest.param(MemorySpec(memory="mlp", expansion=1, bias="yaad", retention="l2"), {}, id="yaad"),
     pytest.param(MemorySpec(memory="mlp", expansion=1, bias="l2", retention="kl", lag_token=True), {},
                  id="memora-lag"),

@@ -110,6 +110,14 @@ Factored factored_terms(const Coefficients& c, int side, const Tensor& d, const 
   return side == 0 ? Factored{c.et * d, a} : Factored{d, c.et * a};
 }
 
+namespace {
+// l_q's normaliser N of each weight tensor [.., out, in] (common/retention.h).
+Tensor lq_norm(const MemoryParams& p, const Tensor& z) {
+  const double weight = lq_weight<double>(p.norm_mean, z.size(-2) * z.size(-1));
+  return z.abs().pow(p.norm_order).sum({-2, -1}, true) * weight + p.norm_floor;
+}
+}  // namespace
+
 Tensor link(const MemoryParams& p, const Tensor& z) {
   switch (p.retention) {
     case Retention::None:
@@ -117,8 +125,7 @@ Tensor link(const MemoryParams& p, const Tensor& z) {
       return z;
     case Retention::Lq: {
       const double q = p.norm_order;
-      const Tensor total = z.abs().pow(q).sum({-2, -1}, true) + p.norm_floor;
-      return z * total.pow(-lq_gamma(q));
+      return z * lq_norm(p, z).pow(-lq_gamma(q));
     }
     case Retention::Kl: {
       return at::softmax(z, -1) * simplex_scale<double>(p.simplex_scale, z.size(-1));
@@ -138,9 +145,11 @@ Tensor link_backward(const MemoryParams& p, const Tensor& z, const Tensor& grad_
       return grad_w;
     case Retention::Lq: {
       const double q = p.norm_order, gamma = lq_gamma(q);
-      const Tensor total = z.abs().pow(q).sum({-2, -1}, true) + p.norm_floor;
+      const double weight = lq_weight<double>(p.norm_mean, z.size(-2) * z.size(-1));
+      const Tensor total = lq_norm(p, z);
       const Tensor inner = (grad_w * z).sum({-2, -1}, true);
-      return grad_w * total.pow(-gamma) - gamma * q * total.pow(-gamma - 1.0) * inner * z.abs().pow(q - 2.0) * z;
+      return grad_w * total.pow(-gamma) -
+             gamma * q * weight * total.pow(-gamma - 1.0) * inner * z.abs().pow(q - 2.0) * z;
     }
     case Retention::Kl: {
       const double c = simplex_scale<double>(p.simplex_scale, z.size(-1));

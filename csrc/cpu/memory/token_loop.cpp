@@ -27,16 +27,18 @@ struct Link {
   T c = 1;          // KL scale
   T gamma = 0;      // elastic-net shrinkage
   T floor = 0;      // added to sum |Z|^q (MemorySpec.norm_floor)
+  T weight = 1;     // of sum |Z|^q in the normaliser (common/retention.h lq_weight)
 };
 
 template <typename T>
-Link<T> make_link(const MemoryParams& p, int64_t fan_in) {
+Link<T> make_link(const MemoryParams& p, int64_t out, int64_t fan_in) {
   Link<T> lk;
   lk.q = T(p.norm_order);
   lk.g = lq_gamma(lk.q);
   lk.c = simplex_scale<T>(p.simplex_scale, fan_in);
   lk.gamma = T(p.shrinkage);
   lk.floor = T(p.norm_floor);
+  lk.weight = lq_weight<T>(p.norm_mean, out * fan_in);
   return lk;
 }
 
@@ -215,8 +217,7 @@ constexpr bool stores_w() {
 }
 
 // One token: the state from zp/sp into z/s (the same buffers in the plain forward) and the reads into u [out]:
-// W_t h_t, or for l_q the raw reads Z_t h_t, its normaliser N_t = sum |Z_t|^q + floor returned (0 for the other
-// links). Elementwise links write W_t into w ([out, in] when w_rows, else a row scratch).
+// W_t h_t, or for l_q the raw reads Z_t h_t, sum |Z_t|^q returned (0 for the other links). Elementwise links write W_t into w ([out, in] when w_rows, else a row scratch).
 template <typename T, Retention R, bool Mom, int QN>
 T step(const Dims& D, const Link<T>& lk, const Token<T>& k, const T* zp, T* z, const T* sp, T* s, T* w,
        bool w_rows, T* ea, T* u) {
@@ -229,7 +230,7 @@ T step(const Dims& D, const Link<T>& lk, const Token<T>& k, const T* zp, T* z, c
     update_row<T, Mom>(D, k, ea, o, zp + off, z + off, Mom ? sp + off : nullptr, Mom ? s + off : nullptr);
     u[o] = read_row<T, R, QN>(lk, z + off, k.h, w_rows ? w + off : w, D.in, norm);
   }
-  return R == Retention::Lq ? norm + lk.floor : T(0);
+  return R == Retention::Lq ? norm : T(0);
 }
 
 // Contiguous [G, ...] views of the inputs, alpha filled with ones when absent.
@@ -288,7 +289,7 @@ void forward_pairs(const Link<T>& lk, Prepared& P, LoopForward& f) {
       T* ut = u + t * D.out;
       const T norm = step<T, R, Mom, QN>(D, lk, token(D, d, a, h, e, al, m, t), z, z, s, s, wrow, false, ea, ut);
       if constexpr (R == Retention::Lq) {  // W_t = Z_t / N_t^g (Eq. 3.5)
-        const T r = lq_scale(norm, lk.q).s;
+        const T r = lq_scale(norm, lk.weight, lk.floor, lk.q).s;
         for (int64_t o = 0; o < D.out; ++o) ut[o] *= r;
       }
     }
@@ -344,7 +345,7 @@ void backward_pair(const Link<T>& lk, const Dims& D, const Token<T>* toks, const
     // l_q: u = r raw with r = N^{-g}; dL/dZ = r du h^T + ct |Z|^{q-2} Z, ct = -g q N^{-g-1} <du, raw> (Eq. 9.3).
     T r = 1, ct = 0;
     if constexpr (R == Retention::Lq) {
-      const LqScale<T> scale = lq_scale(Nq[t], lk.q);
+      const LqScale<T> scale = lq_scale(Nq[t], lk.weight, lk.floor, lk.q);
       r = scale.s;
       T dot = 0;
       for (int64_t o = 0; o < D.out; ++o) dot += dut[o] * ut[o];
@@ -484,7 +485,7 @@ LoopForward token_loop_forward(const MemoryParams& p, const LoopInputs& in) {
   f.z = P.z0.clone();
   if (p.momentum()) f.s = P.s0.clone();
   AT_DISPATCH_FLOATING_TYPES(P.d.scalar_type(), "miras_ext::memory token loop", [&] {
-    const Link<scalar_t> lk = make_link<scalar_t>(p, P.D.in);
+    const Link<scalar_t> lk = make_link<scalar_t>(p, P.D.out, P.D.in);
     dispatch(p, [&](auto r, auto mom, auto qn) {
       forward_pairs<scalar_t, decltype(r)::value, decltype(mom)::value, decltype(qn)::value>(lk, P, f);
     });
@@ -510,7 +511,7 @@ LoopGrads token_loop_backward(const MemoryParams& p, const LoopInputs& in, const
   const at::Tensor gzc = gz.defined() ? gz.contiguous() : gz;
   const at::Tensor gsc = gs.defined() ? gs.contiguous() : gs;
   AT_DISPATCH_FLOATING_TYPES(P.d.scalar_type(), "miras_ext::memory token loop backward", [&] {
-    const Link<scalar_t> lk = make_link<scalar_t>(p, P.D.in);
+    const Link<scalar_t> lk = make_link<scalar_t>(p, P.D.out, P.D.in);
     dispatch(p, [&](auto r, auto mom, auto qn) {
       backward_pairs<scalar_t, decltype(r)::value, decltype(mom)::value, decltype(qn)::value>(lk, P, duc, gzc,
                                                                                               gsc, out);

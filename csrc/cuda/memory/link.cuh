@@ -31,7 +31,8 @@ __device__ LinkStats<A> link_stats(const KernelSpec& sp, const A* z, int out, in
     const A q = A(sp.norm_order);
     A part = 0;
     for (int64_t e = threadIdx.x; e < int64_t(out) * in; e += blockDim.x) part += pow(std::abs(z[e]), q);
-    const LqScale<A> scale = lq_scale(block_sum(part) + A(sp.norm_floor), q);
+    const LqScale<A> scale =
+        lq_scale(block_sum(part), lq_weight<A>(sp.norm_mean != 0, int64_t(out) * in), A(sp.norm_floor), q);
     st.s = scale.s;
     st.coef = scale.coef;
   } else if (sp.retention == Retention::Kl) {

@@ -26,6 +26,7 @@ struct KernelSpec {
   double p = 2, eps = 1e-6;             // bias options
   Retention retention = Retention::L2;  // common/retention.h
   double norm_order = 4, norm_floor = 1e-12, shrinkage = 1e-3;
+  int32_t norm_mean = 0;                // l_q's normaliser averages |Z|^q (common/retention.h lq_weight)
   double simplex_scale = -1;            // < 0: sqrt(fan_in) of each weight tensor
   int32_t has_alpha = 0;                // retention gate given (absent: alpha = 1)
   int32_t momentum = 0;                 // algorithm "momentum"

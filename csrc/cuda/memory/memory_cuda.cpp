@@ -71,6 +71,7 @@ KernelSpec kernel_spec(const Problem& P, const std::optional<at::Tensor>& delta)
   s.retention = mp.retention;
   s.norm_order = mp.norm_order;
   s.norm_floor = mp.norm_floor;
+  s.norm_mean = mp.norm_mean;
   s.ln_eps = mp.ln_eps;
   s.shrinkage = mp.shrinkage;
   s.simplex_scale = mp.simplex_scale;  // < 0: the kernels use sqrt(fan_in)

@@ -330,8 +330,9 @@ struct MemoryBlock {
           if (lane == 0) u[i] = dot;
         }
       }
-      if (sp.retention == Retention::Lq) {  // W = Z (sum |Z|^q + norm_floor)^(-(q - 2) / q) (Eq. 3.5)
-        const A scale = lq_scale(block_sum(norm_part) + A(sp.norm_floor), A(sp.norm_order)).s;
+      if (sp.retention == Retention::Lq) {  // W = Z N^(-(q - 2) / q) (Eq. 3.5, common/retention.h)
+        const A scale = lq_scale(block_sum(norm_part), lq_weight<A>(sp.norm_mean != 0, int64_t(out) * in),
+                                 A(sp.norm_floor), A(sp.norm_order)).s;
         for (int i = threadIdx.x; i < out; i += blockDim.x) u[i] *= scale;
       }
       __syncthreads();

@@ -17,7 +17,9 @@ def link(spec: MemorySpec, z: torch.Tensor, shape: tuple[int, ...]) -> torch.Ten
     if r == "lq":  # Eq. 3.5: W = A / ||A||_q^(q-2), one norm per weight tensor and head
         q = spec.norm_order
         dims = tuple(range(-len(shape), 0))
-        total = z.abs().pow(q).sum(dim=dims, keepdim=True) + spec.norm_floor
+        powers = z.abs().pow(q)
+        total = (powers.mean(dim=dims, keepdim=True) if spec.norm_mean else powers.sum(dim=dims, keepdim=True))
+        total = total + spec.norm_floor
         return z * total.pow(-(q - 2.0) / q)
     if r == "kl":  # Eq. 3.6: c * row softmax of the logits
         return spec.kl_scale(shape) * torch.softmax(z, dim=-1)

@@ -145,6 +145,7 @@ Case parse_case(const std::string& text) {
     else if (key == "retention") s.retention = by_name(key, word(), kRetentions);
     else if (key == "norm_order") s.norm_order = num();
     else if (key == "norm_floor") s.norm_floor = num();
+    else if (key == "norm_mean") s.norm_mean = int32_t(integer());
     else if (key == "ln_eps") s.ln_eps = num();
     else if (key == "shrinkage") s.shrinkage = num();
     else if (key == "simplex_scale") s.simplex_scale = num();
