@@ -217,7 +217,8 @@ constexpr bool stores_w() {
 }
 
 // One token: the state from zp/sp into z/s (the same buffers in the plain forward) and the reads into u [out]:
-// W_t h_t, or for l_q the raw reads Z_t h_t, sum |Z_t|^q returned (0 for the other links). Elementwise links write W_t into w ([out, in] when w_rows, else a row scratch).
+// W_t h_t, or for l_q the raw reads Z_t h_t, sum |Z_t|^q returned (0 for the other links). Elementwise links
+// write W_t into w ([out, in] when w_rows, else a row scratch).
 template <typename T, Retention R, bool Mom, int QN>
 T step(const Dims& D, const Link<T>& lk, const Token<T>& k, const T* zp, T* z, const T* sp, T* s, T* w,
        bool w_rows, T* ea, T* u) {
